@@ -1,0 +1,16 @@
+"""minisd: a small Stable Diffusion, built from scratch one chapter at a time.
+
+Modules, in course order:
+    data        the built-in captioned Shapes dataset and 2-D toy data       (chapters 1, 2)
+    diffusion   noise schedules, q(x_t | x_0), training targets and loss     (chapters 1, 2)
+    denoisers   the small networks of chapter 2 (an MLP, a plain conv net)   (chapter 2)
+    samplers    DDPM and DDIM steps and the sampling loop                    (chapter 2)
+    train       one plain training loop and the compute presets              (chapter 2 on)
+    metrics     distances between samples and data                          (chapter 2 on)
+    viz, widgets  figures and ipywidgets explorers                           (all)
+"""
+
+from minisd.errors import MinisdError
+
+__version__ = "0.1.0"
+__all__ = ["MinisdError", "__version__"]

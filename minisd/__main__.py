@@ -1,0 +1,5 @@
+import sys
+
+from minisd.cli import main
+
+sys.exit(main())

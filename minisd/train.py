@@ -1,0 +1,126 @@
+"""One plain training loop, and how much compute each preset may use.
+
+The loop is deliberately short: draw a random batch, compute a loss, step the optimiser,
+report. Everything a chapter trains goes through `train`; a chapter supplies its own
+`loss_fn(model, batch, generator)`, e.g. `diffusion_loss` for a denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minisd.errors import MinisdError, check_choice
+
+PRESETS = ("tiny", "cpu", "gpu")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def pick_preset() -> str:
+    """The preset a notebook should use: 'tiny' under MINISD_QUICK=1 (the tests), else 'gpu'
+    when CUDA is present, else 'cpu'. Notebooks call this; library code takes presets as arguments."""
+    if os.environ.get("MINISD_QUICK", "") not in ("", "0"):
+        return "tiny"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' → CUDA if present, else CPU; otherwise the named device, if it is available."""
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MinisdError("device 'cuda' was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise MinisdError("device 'mps' was asked for but MPS is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to `min_lr_ratio` · lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    desc: str = "training"
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise MinisdError(f"steps and batch_size must be ≥ 1, got {self.steps} and {self.batch_size}")
+        if not self.lr > 0:
+            raise MinisdError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per step
+    seconds: float = 0.0
+
+    def smoothed(self, window: int = 50) -> list[float]:
+        """Running mean of the loss over `window` steps, for plots."""
+        out, acc = [], 0.0
+        for i, v in enumerate(self.losses):
+            acc += v - (self.losses[i - window] if i >= window else 0.0)
+            out.append(acc / min(i + 1, window))
+        return out
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then a cosine from 1 down to `min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.Tensor, ...],
+          config: TrainConfig, hook: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train `model` in place for `config.steps` steps of AdamW on random batches of `data`.
+
+    data: a tensor (N, …) or a tuple of tensors sharing N, held in memory; each step draws
+          `batch_size` random rows (seeded), moves them to the device and calls
+    loss_fn(model, batch, generator) → scalar loss, with `batch` a tensor or tuple like `data`.
+    hook(step, loss) is called after every step (e.g. to record samples for a figure).
+    """
+    device = pick_device(config.device)
+    tensors = data if isinstance(data, tuple) else (data,)
+    n = len(tensors[0])
+    if any(len(x) != n for x in tensors):
+        raise MinisdError(f"data tensors have different lengths {[len(x) for x in tensors]}")
+    generator = torch.Generator().manual_seed(config.seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    result, start = TrainResult(), time.perf_counter()
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress)
+    for step in bar:
+        idx = torch.randint(0, n, (config.batch_size,), generator=generator)
+        batch = tuple(x[idx].to(device, non_blocking=True) for x in tensors)
+        loss = loss_fn(model, batch if isinstance(data, tuple) else batch[0], generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        result.losses.append(loss.item())
+        if step % 25 == 0 or step == config.steps - 1:
+            bar.set_postfix(loss=f"{result.smoothed()[-1]:.4f}")
+        if hook is not None:
+            hook(step, result.losses[-1])
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result

@@ -1,0 +1,63 @@
+"""Figures used across the course: image grids with captions, 2-D point clouds, trajectories."""
+
+from __future__ import annotations
+
+import textwrap
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def to_numpy_images(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) uint8, or floats in [0, 1] → (N, H, W, C) floats in [0, 1] for imshow."""
+    x = images.detach().cpu()
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8,
+                size: float = 1.4, suptitle: str | None = None, wrap: int = 18):
+    """A grid of images (N, C, H, W) in [0, 1] or uint8, each with an optional title. Returns the figure."""
+    arr = to_numpy_images(images)
+    n = len(arr)
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    extra = 0.35 * (2 if titles else 0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra) * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(arr[k].squeeze(-1) if arr.shape[-1] == 1 else arr[k],
+                      cmap="gray" if arr.shape[-1] == 1 else None, interpolation="nearest")
+            if titles:
+                ax.set_title("\n".join(textwrap.wrap(str(titles[k]), wrap)), fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path) -> None:
+    """Save a figure, writing to a temporary file first so a failure leaves no half-written file."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def plot_points(ax, points: torch.Tensor, title: str | None = None, color: str = "C0",
+                lim: float = 3.0, s: float = 2.0) -> None:
+    """Scatter 2-D points (N, 2) on a square axis."""
+    p = points.detach().cpu().numpy()
+    ax.scatter(p[:, 0], p[:, 1], s=s, alpha=0.5, color=color, linewidths=0)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
