@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from minisd.errors import MinisdError
+
 
 def to_numpy_images(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) uint8, or floats in [0, 1] → (N, H, W, C) floats in [0, 1] for imshow."""
@@ -61,3 +63,32 @@ def plot_points(ax, points: torch.Tensor, title: str | None = None, color: str =
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def show_image_table(images: torch.Tensor, row_labels: list[str] | None = None,
+                     col_labels: list[str] | None = None, size: float = 1.2,
+                     suptitle: str | None = None):
+    """A table of images (R, C, ch, H, W) in [0, 1] or uint8: one row per row label, one column
+    per column label (e.g. rows = images or schedules, columns = timesteps). Returns the figure."""
+    if images.ndim != 5:
+        raise MinisdError(f"images must have shape (R, C, ch, H, W), got {tuple(images.shape)}")
+    R, C = images.shape[:2]
+    arr = to_numpy_images(images.flatten(0, 1)).reshape(R, C, *images.shape[3:], images.shape[2])
+    fig, axes = plt.subplots(R, C, figsize=(size * C + (1.0 if row_labels else 0), size * R + 0.6),
+                             squeeze=False)
+    for i in range(R):
+        for j in range(C):
+            ax = axes[i, j]
+            im = arr[i, j]
+            ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im,
+                      cmap="gray" if im.shape[-1] == 1 else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0 and col_labels:
+                ax.set_title(str(col_labels[j]), fontsize=8)
+            if j == 0 and row_labels:
+                ax.set_ylabel(str(row_labels[i]), fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig

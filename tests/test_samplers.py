@@ -1,0 +1,133 @@
+"""DDPM and DDIM steps against diffusers' schedulers, for every option the DESIGN names."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from minisd.diffusion import NoiseSchedule
+from minisd.errors import MinisdError
+from minisd.samplers import TIMESTEP_SPACINGS, DDIMSampler, DDPMSampler, make_sampler, sample
+
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+
+
+def ddim_reference(n, spacing, prediction_type, schedule="scaled_linear"):
+    name = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}[schedule]
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule=name, beta_start=0.00085, beta_end=0.012,
+                        clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                        timestep_spacing=spacing, prediction_type=prediction_type)
+    ref.set_timesteps(n)
+    return ref
+
+
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("n", [1, 7, 10, 50, 333, 1000])
+def test_timesteps_equal_diffusers(spacing, n):
+    s = NoiseSchedule(1000, "linear")
+    ref_ddim = ddim_reference(n, spacing, "epsilon")
+    ref_ddpm = DDPMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=0)
+    ref_ddpm.set_timesteps(n)
+    assert torch.equal(DDIMSampler(s, n, timestep_spacing=spacing).timesteps, ref_ddim.timesteps)
+    assert torch.equal(DDPMSampler(s, n, timestep_spacing=spacing).timesteps, ref_ddpm.timesteps)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_ddim_step_matches_diffusers(prediction_type, eta, spacing, schedule):
+    n = 20
+    ours = DDIMSampler(NoiseSchedule(1000, schedule, 0.00085, 0.012), n, eta=eta,
+                       timestep_spacing=spacing, prediction_type=prediction_type)
+    ref = ddim_reference(n, spacing, prediction_type, schedule)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    for t in ours.timesteps.tolist():  # every step of a whole trajectory, model output made up
+        model_output = torch.randn(x.shape, generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        a = ours.step(model_output, t, x, variance_noise=noise)
+        b = ref.step(model_output, t, x, eta=eta, variance_noise=noise if eta > 0 else None)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=1e-5, rtol=1e-5)
+        x = a.prev_sample
+
+
+def test_ddim_eta_one_draws_noise_from_the_generator():
+    s = NoiseSchedule(1000, "linear", 0.00085, 0.012)
+    ours, ref = DDIMSampler(s, 10, eta=1.0), ddim_reference(10, "leading", "epsilon", "linear")
+    x, out = torch.randn(3, 5), torch.randn(3, 5)
+    a = ours.step(out, 500, x, generator=torch.Generator().manual_seed(7))
+    b = ref.step(out, 500, x, eta=1.0, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("n", [None, 50])
+def test_ddpm_step_matches_diffusers_with_a_seeded_generator(variance_type, prediction_type, n):
+    s = NoiseSchedule(1000, "linear")
+    ours = DDPMSampler(s, n, variance_type=variance_type, prediction_type=prediction_type)
+    ref = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance_type,
+                        prediction_type=prediction_type)
+    if n is not None:
+        ref.set_timesteps(n)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    for t in ours.timesteps.tolist()[::7] + [0]:
+        model_output = torch.randn(x.shape, generator=g)
+        a = ours.step(model_output, t, x, generator=torch.Generator().manual_seed(t))
+        b = ref.step(model_output, t, x, generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_perfect_model_recovers_the_data_point():
+    """With the true noise as model output, deterministic DDIM lands exactly on x0."""
+    s = NoiseSchedule(1000, "cosine")
+    x0 = torch.tensor([[0.5, -1.0, 0.25]])
+    for spacing in TIMESTEP_SPACINGS:
+        sampler = DDIMSampler(s, 25, timestep_spacing=spacing)
+
+        def oracle(x_t, t):
+            a = s.alphas_cumprod[t].unsqueeze(1)
+            return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+        out = sample(oracle, sampler, (1, 3), generator=torch.Generator().manual_seed(0), progress=False)
+        torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
+def test_sampling_loop_reports_every_step():
+    s = NoiseSchedule(1000)
+    sampler = make_sampler("ddim", s, num_inference_steps=10)
+    seen = []
+    out = sample(lambda x, t: torch.zeros_like(x), sampler, (4, 2),
+                 generator=torch.Generator().manual_seed(0), progress=False,
+                 callback=lambda d: seen.append((d["i"], d["t"], d["x"].shape, d["denoised"].shape)))
+    assert [i for i, *_ in seen] == list(range(10))
+    assert [t for _, t, *_ in seen] == sampler.timesteps.tolist()
+    assert all(xs == (4, 2) and ds == (4, 2) for *_, xs, ds in seen)
+    assert out.shape == (4, 2)
+    # the loop is reproducible from its seed
+    again = sample(lambda x, t: torch.zeros_like(x), sampler, (4, 2),
+                   generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(out, again)
+
+
+def test_bad_input_names_the_value_and_what_is_allowed():
+    s = NoiseSchedule(1000)
+    with pytest.raises(MinisdError, match=r"num_inference_steps 0 .* from 1 to 1000"):
+        DDIMSampler(s, 0)
+    with pytest.raises(MinisdError, match=r"num_inference_steps 1001 .* from 1 to 1000"):
+        DDPMSampler(s, 1001)
+    with pytest.raises(MinisdError, match=r"'middle'.*'leading', 'trailing', 'linspace'"):
+        DDIMSampler(s, 10, timestep_spacing="middle")
+    with pytest.raises(MinisdError, match=r"'noise'.*'epsilon', 'v_prediction', 'sample'"):
+        DDIMSampler(s, 10, prediction_type="noise")
+    with pytest.raises(MinisdError, match=r"'learned'.*'fixed_small', 'fixed_large'"):
+        DDPMSampler(s, variance_type="learned")
+    with pytest.raises(MinisdError, match=r"eta 1.5"):
+        DDIMSampler(s, 10, eta=1.5)
+    with pytest.raises(MinisdError, match=r"'euler'.*'ddpm', 'ddim'"):
+        make_sampler("euler", s)
+    with pytest.raises(MinisdError, match=r"timestep 1000 is out of range"):
+        DDIMSampler(s, 10).step(torch.zeros(1, 2), 1000, torch.zeros(1, 2))

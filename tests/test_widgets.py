@@ -1,0 +1,33 @@
+"""The chapter-1 noising explorer, driven without a browser."""
+
+import matplotlib
+import torch
+
+from minisd.data import Shapes, normalize
+from minisd.diffusion import NoiseSchedule
+from minisd.widgets import noised_images, noising_explorer
+
+matplotlib.use("Agg")
+
+
+def test_noised_images_follow_the_closed_form():
+    images = Shapes("test", 3).images
+    s = NoiseSchedule(1000, "cosine")
+    out = noised_images(images, 0, s, seed=1)
+    # at t = 0 almost nothing is added
+    assert (out - images.float() / 255).abs().mean() < 0.02
+    late = noised_images(images, 999, s, seed=1) * 2 - 1
+    noise = torch.randn(normalize(images).shape, generator=torch.Generator().manual_seed(1))
+    expected = s.add_noise(normalize(images), noise, torch.full((3,), 999)).clamp(-1, 1)
+    torch.testing.assert_close(late, expected, atol=1e-5, rtol=0)
+
+
+def test_slider_and_schedule_choice_update_the_images():
+    box = noising_explorer(Shapes("test", 4).images)
+    first = box.last_images.clone()
+    box.t_slider.value = 300
+    after_t = box.last_images.clone()
+    assert not torch.allclose(first, after_t)
+    box.schedule_choice.value = "cosine"
+    assert not torch.allclose(after_t, box.last_images)  # cosine keeps more signal at t = 300
+    assert box.last_images.shape == (4, 3, 32, 32)
