@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisd.attention import MultiHeadAttention, SpatialTransformer, attention, set_attention_options
+from minisd.attention import (
+    MultiHeadAttention,
+    SpatialTransformer,
+    attention,
+    set_attention_options,
+)
 from minisd.errors import MinisdError
 
 
