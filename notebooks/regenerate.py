@@ -19,11 +19,15 @@ HERE = Path(__file__).resolve().parent
 
 
 def clean(nb: nbformat.NotebookNode) -> None:
-    """Drop execution counts and per-run metadata; keep outputs."""
+    """Drop execution counts and per-run metadata; keep outputs and the widget state (so that a
+    static viewer can still draw the widgets as they were left)."""
+    widgets = nb.metadata.get("widgets")
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
     }
+    if widgets:
+        nb.metadata["widgets"] = widgets
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("ExecuteTime", None)
@@ -36,7 +40,7 @@ def clean(nb: nbformat.NotebookNode) -> None:
     nb.nbformat, nb.nbformat_minor = 4, 4
 
 
-def run(path: Path, timeout: int = 1800) -> float:
+def run(path: Path, timeout: int = 900) -> float:  # seconds per cell
     nb = nbformat.read(path, as_version=4)
     os.environ.pop("MINISD_QUICK", None)
     start = time.perf_counter()

@@ -31,3 +31,22 @@ def test_slider_and_schedule_choice_update_the_images():
     box.schedule_choice.value = "cosine"
     assert not torch.allclose(after_t, box.last_images)  # cosine keeps more signal at t = 300
     assert box.last_images.shape == (4, 3, 32, 32)
+
+
+def test_image_table_lays_out_rows_and_columns():
+    import pytest
+
+    from minisd.errors import MinisdError
+    from minisd.viz import show_image_table
+
+    images = torch.rand(2, 3, 3, 8, 8)
+    fig = show_image_table(images, ["a", "b"], ["t=0", "t=1", "t=2"], suptitle="x")
+    axes = fig.get_axes()
+    assert len(axes) == 6
+    assert [ax.get_title() for ax in axes[:3]] == ["t=0", "t=1", "t=2"]
+    assert axes[3].get_ylabel() == "b"
+    # the image in row 1, column 2 is the one drawn there
+    shown = axes[5].get_images()[0].get_array()
+    torch.testing.assert_close(torch.from_numpy(shown.data).float(), images[1, 2].permute(1, 2, 0), atol=1e-6, rtol=0)
+    with pytest.raises(MinisdError, match=r"\(R, C, ch, H, W\)"):
+        show_image_table(torch.rand(3, 3, 8, 8))
