@@ -92,3 +92,19 @@ def test_presets_and_devices(monkeypatch):
             pick_device("cuda")
     with pytest.raises(MinisdError, match="steps and batch_size"):
         TrainConfig(steps=0)
+
+
+def test_attribute_reader_reads_real_shapes_and_rejects_mismatches():
+    from minisd.data import Shapes
+    from minisd.metrics import attribute_accuracy, read_attributes
+
+    for split in ("test", "heldout"):
+        ds = Shapes(split, 1000, seed=11)
+        acc = attribute_accuracy(ds.images, ds.labels)
+        assert min(acc.values()) >= 0.99, (split, acc)
+        noisy = (ds.images.float() / 255 + 0.05 * torch.randn(ds.images.shape)).clamp(0, 1)
+        assert attribute_accuracy(noisy, ds.labels)["all"] >= 0.95
+    wrong = ds.labels.clone()
+    wrong[:, 1] = (wrong[:, 1] + 1) % 3  # every shape label wrong
+    assert attribute_accuracy(ds.images, wrong)["shape"] < 0.02
+    assert (read_attributes(torch.zeros(2, 3, 32, 32)) == -1).all()  # an empty image has no object
