@@ -6,7 +6,11 @@ Modules, in course order:
     denoisers   the small networks of chapter 2 (an MLP, a plain conv net)   (chapter 2)
     samplers    DDPM and DDIM steps and the sampling loop                    (chapter 2)
     train       one plain training loop and the compute presets              (chapter 2 on)
-    metrics     distances between samples and data                          (chapter 2 on)
+    metrics     distances between samples and data; reading Shapes back      (chapter 2 on)
+    unet        the U-Net with skip connections                              (chapter 3)
+    attention   attention from scratch, self- and cross attention blocks    (chapter 4)
+    tokenizer   captions → token ids                                         (chapters 4, 5)
+    checkpoint  safetensors + config.json, written atomically               (all saved models)
     viz, widgets  figures and ipywidgets explorers                           (all)
 """
 

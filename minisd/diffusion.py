@@ -118,7 +118,7 @@ class NoiseSchedule:
                            generator: torch.Generator | None = None) -> torch.Tensor:
         """x_t reached by t+1 single steps from x0 (slow; for teaching and tests)."""
         x = x0
-        for s in range(int(self.check_timesteps(torch.tensor(t)))+1):
+        for s in range(int(self.check_timesteps(torch.tensor(t))) + 1):
             x = self.q_step(x, torch.full((len(x0),), s, dtype=torch.long), generator)
         return x
 

@@ -13,9 +13,7 @@ enters every residual block; text enters through cross attention at the levels t
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +222,3 @@ def shape_trace(model: UNet, x, t, context=None) -> list[tuple[str, tuple[int, .
         for h in hooks:
             h.remove()
     return rows
-
-
-def config_from_json(path) -> UNetConfig:
-    return UNetConfig(**json.loads(Path(path).read_text()))
