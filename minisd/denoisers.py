@@ -84,8 +84,9 @@ class ConvBlock(nn.Module):
 class ConvDenoiser(nn.Module):
     """A plain convolutional denoiser: a stack of 3×3 convolutions at full resolution.
 
-    No down-sampling, so each output pixel sees only a (2·num_blocks + 5)-pixel-wide window of
-    the input: enough to clean local noise, not enough to agree on one object across the image.
+    No down-sampling, so through its convolutions each output pixel sees only a
+    (2·num_blocks + 5)-pixel-wide window of the input (GroupNorm's per-image statistics are its only
+    wider link): enough to clean local noise, not enough to agree on one object across the image.
     Chapter 3's U-Net fixes that. x_t: (B, C, H, W), t: (B,) → (B, C, H, W).
     """
 
