@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.attention import SpatialTransformer
-from minisd.denoisers import TimeMLP
+from minisd.denoisers import TimeMLP, timestep_embedding  # noqa: F401  (the embedding lives with chapter 2)
 from minisd.errors import MinisdError
 
 
