@@ -41,13 +41,15 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
 
 
 def save_figure(fig, path) -> None:
-    """Save a figure, writing to a temporary file first so a failure leaves no half-written file."""
+    """Save a figure atomically (see `minisd.checkpoint.atomic_write`): a failure leaves no
+    half-written file and an existing one untouched."""
     from pathlib import Path
 
+    from minisd.checkpoint import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 
