@@ -43,6 +43,8 @@ class MultiHeadAttention(nn.Module):
 
     x: (B, Lq, dim) gives the queries; `context` (B, Lk, context_dim) gives keys and values
     (x itself when None: self-attention). `context_mask` (B, Lk) bool, True for real tokens.
+    `attn_mask` bool, broadcastable to (B, heads, Lq, Lk), True = may attend (e.g. a causal mask
+    for a text encoder); it combines with `context_mask`.
     Set `fused=True` to use `F.scaled_dot_product_attention` (faster; same result), and
     `store_weights=True` to keep the last attention weights (B, heads, Lq, Lk) in `last_weights`
     for visualisation (this uses the written-out path).
@@ -62,11 +64,13 @@ class MultiHeadAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (rearrange(z, "b l (h d) -> b h l d", h=self.heads) for z in (q, k, v))
         mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, Lk)
+        if attn_mask is not None:
+            mask = attn_mask.bool() if mask is None else mask & attn_mask.bool()
         if self.store_weights:
             out, self.last_weights = attention(q, k, v, mask, return_weights=True)
         elif self.fused:
@@ -92,7 +96,8 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Self-attention → cross attention → feed-forward, each with a LayerNorm before it and a
     residual around it. Without a `context_dim` the cross-attention layer is left out.
-    x: (B, L, dim), context: (B, Lk, context_dim)."""
+    x: (B, L, dim), context: (B, Lk, context_dim); `self_mask` (bool, broadcastable to
+    (B, heads, L, L)) limits what the self-attention may see, e.g. a causal mask."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, fused: bool = False):
         super().__init__()
@@ -103,8 +108,8 @@ class TransformerBlock(nn.Module):
             self.attn2 = MultiHeadAttention(dim, heads, context_dim=context_dim, fused=fused)
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
-    def forward(self, x, context=None, context_mask=None):
-        x = x + self.attn1(self.norm1(x))  # every position looks at every other
+    def forward(self, x, context=None, context_mask=None, self_mask=None):
+        x = x + self.attn1(self.norm1(x), attn_mask=self_mask)  # every position looks at every other
         if self.attn2 is not None:
             if context is None:
                 raise MinisdError("this block was built with a context_dim and needs a context")

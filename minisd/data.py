@@ -124,6 +124,56 @@ def captions_for(labels: torch.Tensor) -> list[str]:
     return [caption(**d) for d in decode_labels(labels)]
 
 
+# --- paraphrases: other ways of saying the same thing ----------------------------------------
+# A text encoder trained on one fixed sentence per image could get away with a lookup table.
+# Paraphrases (other word orders, a few synonyms) and partial captions (some attributes left
+# out) make it learn what each word means, and let prompts such as "a red shape" mean something.
+SYNONYMS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big"),
+                                        "center": ("center", "middle")}
+PARAPHRASE_TEMPLATES = (  # {np}: "a small red circle"; {loc}: "in the top left"
+    "{np} {loc}",
+    "there is {np} {loc}",
+    "{loc} : {np}",
+    "{loc} there is {np}",
+    "{np} , {loc}",
+)
+
+
+def describe(labels: torch.Tensor, generator: torch.Generator | None = None,
+             paraphrase: float = 0.5, drop: float = 0.0) -> tuple[list[str], torch.Tensor]:
+    """Captions for labels (N, 4), varied at random (seeded by `generator`).
+
+    With probability `paraphrase` a caption uses another word order and synonyms instead of the
+    canonical form; each attribute is left out with probability `drop` (a missing shape becomes
+    the word "shape"; a missing position drops "in the …"). Returns (captions, mentioned), where
+    mentioned (N, 4) bool says which attributes each caption states.
+    """
+    if not (0 <= paraphrase <= 1 and 0 <= drop <= 1):
+        raise MinisdError(f"paraphrase {paraphrase} and drop {drop} must be probabilities in [0, 1]")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1, 4)
+    n = len(labels)
+    u = torch.rand(n, 7, generator=generator)  # one uniform draw per decision
+    mentioned = torch.rand(n, 4, generator=generator) >= drop
+    out = []
+    for row, keep, (p_para, p_tpl, *p_syn) in zip(decode_labels(labels), mentioned.tolist(), u.tolist()):
+        words = dict(row)
+        if p_para < paraphrase:
+            for k, (name, value) in enumerate(words.items()):
+                options = SYNONYMS.get(value, (value,))
+                words[name] = options[int(p_syn[k] * len(options))]
+        color, shape, size, position = (words[a] if keep[k] else None for k, a in enumerate(ATTRIBUTES))
+        np_ = " ".join(["a"] + [w for w in (size, color) if w] + [shape or "shape"])
+        if position is None:
+            text = np_ if p_para >= paraphrase or p_tpl < 0.5 else f"there is {np_}"
+        elif p_para >= paraphrase:
+            text = f"{np_} in the {position}"
+        else:
+            template = PARAPHRASE_TEMPLATES[int(p_tpl * len(PARAPHRASE_TEMPLATES))]
+            text = template.format(np=np_, loc=f"in the {position}")
+        out.append(text)
+    return out, mentioned
+
+
 def sample_labels(n: int, split: str = "train", generator: np.random.Generator | None = None):
     """Draw `n` attribute labels (N, 4) uniformly over what `split` allows."""
     check_choice("split", split, SPLITS)

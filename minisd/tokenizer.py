@@ -96,9 +96,13 @@ class Tokenizer:
         return cls(vocab[len(SPECIALS):], max_length)
 
 
-def shapes_tokenizer(max_length: int = 16) -> Tokenizer:
-    """A tokenizer whose vocabulary covers every Shapes caption."""
-    from minisd.data import VOCABULARY
+def shapes_tokenizer(max_length: int = 16, paraphrases: bool = False) -> Tokenizer:
+    """A tokenizer whose vocabulary covers every canonical Shapes caption and, with `paraphrases`,
+    every caption `minisd.data.describe` can write (other word orders, synonyms, "shape")."""
+    from minisd.data import PARAPHRASE_TEMPLATES, SYNONYMS, VOCABULARY
 
     words = ["a", "in", "the"] + [w for values in VOCABULARY.values() for v in values for w in split_words(v)]
+    if paraphrases:
+        words += ["shape"] + [w for t in PARAPHRASE_TEMPLATES for w in split_words(t.format(np="", loc=""))]
+        words += [w for options in SYNONYMS.values() for v in options for w in split_words(v)]
     return Tokenizer(words, max_length)

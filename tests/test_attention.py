@@ -97,3 +97,19 @@ def test_bad_head_count_and_missing_context():
         MultiHeadAttention(10, 4)
     with pytest.raises(MinisdError, match="needs a context"):
         SpatialTransformer(8, 2, context_dim=4, groups=4)(torch.randn(1, 8, 2, 2))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_causal_self_mask_equals_sdpa_is_causal(fused):
+    """The text encoder's causal mask: token i sees tokens 0 … i only."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, heads=4, fused=fused)
+    x = torch.randn(2, 6, 16)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    q, k, v = (t.view(2, 6, 4, 4).transpose(1, 2) for t in (mha.to_q(x), mha.to_k(x), mha.to_v(x)))
+    expected = mha.to_out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 6, 16))
+    assert torch.allclose(mha(x, attn_mask=causal), expected, atol=1e-5)
+    # combined with a padding mask on the keys: the last two tokens are hidden from everyone
+    pad = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
+    out = mha(x, context_mask=pad, attn_mask=causal)
+    assert torch.allclose(out[:, :4], expected[:, :4], atol=1e-5)
