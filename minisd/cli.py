@@ -1,6 +1,8 @@
 """The `minisd` command.
 
-    minisd data --dataset shapes --out grid.png     a captioned preview of the built-in dataset
+    minisd data  --dataset shapes --out grid.png            a captioned preview of the built-in dataset
+    minisd train --preset cpu --out runs/cpu [--stages …]   train the components into a run folder
+    minisd eval  --run runs/cpu                             print (and store) each component's figures
 
 A user mistake prints one line `error: …` and exits with status 2; nothing on disk is touched.
 """
@@ -47,6 +49,20 @@ def cmd_data(args) -> None:
     print(f"wrote {out}: {args.n} {args.split} images of {args.image_size}×{args.image_size}")
 
 
+def cmd_train(args) -> None:
+    from minisd.runs import train_run
+
+    train_run(args.out, args.preset, args.stages, seed=args.seed, device=args.device)
+    print(f"wrote {args.out}; evaluate it with `minisd eval --run {args.out}`")
+
+
+def cmd_eval(args) -> None:
+    from minisd.runs import evaluate_run
+
+    evaluate_run(args.run, args.split)
+    print(f"figures stored in {Path(args.run) / 'metrics.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="minisd", description="A small Stable Diffusion, built from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
+
+    from minisd.runs import STAGES
+
+    t = sub.add_parser("train", help="train the model's components into a run folder")
+    t.add_argument("--preset", default="cpu", help="tiny (seconds), cpu (minutes on a laptop) or gpu")
+    t.add_argument("--out", required=True, help="run folder to create or update, e.g. runs/cpu")
+    t.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE",
+                   help=f"which components to (re)train, among {', '.join(STAGES)} (default: all)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="measure the trained components of a run folder")
+    e.add_argument("--run", required=True, help="run folder written by `minisd train`")
+    e.add_argument("--split", default="test", help="test or train (the held-out pairs are always added)")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -1,5 +1,6 @@
 """The `minisd` command: the README's preview job, and one-line errors with status 2."""
 
+import json
 import subprocess
 import sys
 
@@ -47,3 +48,66 @@ def test_a_failed_run_leaves_an_existing_file_untouched(tmp_path):
     r = run("data", "--split", "nope", "--out", str(out))
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert out.read_bytes() == b"precious"
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """A run folder with a tiny CLIP, trained once for the tests below."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--preset", "tiny", "--stages", "clip", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_run_folder_and_eval_prints_and_stores_figures(clip_run, capsys):
+    for name in ("config.json", "metrics.json", "tokenizer.json", "text_encoder/model.safetensors",
+                 "text_encoder/config.json", "clip/model.safetensors", "clip/config.json"):
+        assert (clip_run / name).is_file(), name
+    config = json.loads((clip_run / "config.json").read_text())
+    assert config["preset"] == "tiny" and "clip" in config["stages"] and config["seed"] == 0
+    assert main(["eval", "--run", str(clip_run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("clip test") and "zero_shot_color" in lines[0]
+    assert lines[1].startswith("clip heldout")
+    metrics = json.loads((clip_run / "metrics.json").read_text())
+    assert metrics["train"]["clip"]["steps"] > 0
+    figures = metrics["eval"]["clip/test"]
+    assert set(figures) >= {"zero_shot_color", "zero_shot_shape", "zero_shot_size", "zero_shot_position",
+                            "text_to_image_r1_of_100"}
+    assert all(0 <= v <= 1 for v in figures.values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--preset", "huge", "--out", "OUT/run"], "error: unknown preset 'huge'; allowed: 'tiny', 'cpu', 'gpu'"),
+    (["train", "--preset", "tiny", "--stages", "unet2", "--out", "OUT/run"], "error: unknown stage 'unet2'; allowed:"),
+    (["train", "--preset", "tiny", "--out", "OUT/missing/run"], "error: folder"),
+    (["eval", "--run", "OUT/nothing"], "error: run folder"),
+    (["eval", "--run", "OUT"], "error: " + repr("OUT") + " has no trained component"),
+])
+def test_train_and_eval_reject_bad_input(tmp_path, capsys, args, message):
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    message = message.replace("'OUT'", repr(str(tmp_path)))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_train_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["train", "--preset", "tiny", "--stages", "clip", "--out", str(tmp_path)]) == 2
+    assert "is not a minisd run folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_eval_of_a_corrupt_checkpoint_is_a_clear_error_and_damages_nothing(clip_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(clip_run, run)
+    weights = run / "clip" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["eval", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.safetensors" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
