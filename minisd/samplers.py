@@ -147,11 +147,85 @@ class DDIMSampler(_Sampler):
         return SamplerOutput(prev, pred_x0)
 
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+class DPMSolverSampler(_Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2): a multistep solver of the
+    diffusion ODE that reaches DDIM-50 quality in 10–20 steps.
+
+    In terms of σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), α_t = sqrt(ᾱ_t), σ'_t = σ_t α_t and the log-SNR
+    λ_t = log(α_t / σ'_t), one step from s to t with h = λ_t − λ_s and the x0 predictions D:
+
+        first order (= DDIM):  x_t = (σ'_t/σ'_s) x_s − α_t (e^{−h} − 1) D_s
+        second order:          the same with D_s + ½ (D_s − D_prev) · h / h_prev   ('midpoint')
+
+    It remembers the previous step's D, so steps must be taken in order (a call at the first
+    timestep starts afresh). The first step is first order (no history yet) and so is the last,
+    which goes to σ = 0 and returns the x0 prediction. Timesteps, numerics and these rules equal
+    diffusers' DPMSolverMultistepScheduler (solver_order=2, algorithm 'dpmsolver++', 'midpoint',
+    final_sigmas_type 'zero'), whose default spacing is 'linspace' over n + 1 points.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, num_inference_steps: int = 20,
+                 timestep_spacing: str = "linspace", prediction_type: str = "epsilon"):
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        T, n = schedule.num_train_timesteps, num_inference_steps
+        if isinstance(n, bool) or int(n) != n or not 1 <= n < T:
+            raise MinisdError(f"num_inference_steps {n!r} is not allowed; use an integer from 1 to {T - 1}")
+        self.schedule, self.prediction_type, self.timestep_spacing = schedule, prediction_type, timestep_spacing
+        n = int(n)
+        if timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        elif timestep_spacing == "leading":
+            ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1]
+        else:
+            ts = np.arange(T, 0, -T / n).round() - 1
+        self.timesteps = torch.from_numpy(ts.astype(np.int64).copy())
+        self.num_inference_steps = len(self.timesteps)
+        ac = schedule.alphas_cumprod
+        all_sigmas = ((1 - ac) / ac).sqrt().numpy()
+        sigmas = np.interp(self.timesteps.numpy(), np.arange(T), all_sigmas)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # σ = 0 at the end
+        self._i, self._prev_x0 = 0, None
+
+    def _alpha_sigma(self, i: int):
+        sigma = self.sigmas[i]
+        alpha = 1 / (sigma**2 + 1).sqrt()
+        return alpha, sigma * alpha  # α_t and σ'_t
+
+    def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor,
+             generator: torch.Generator | None = None) -> SamplerOutput:
+        if t == int(self.timesteps[0]):
+            self._i, self._prev_x0 = 0, None
+        i = self._i
+        if i >= len(self.timesteps) or int(self.timesteps[i]) != t:
+            raise MinisdError(f"DPM-Solver visits its timesteps in order; expected "
+                              f"{int(self.timesteps[min(i, len(self.timesteps) - 1)])}, got {t}")
+        alpha_s, sigma_s = self._alpha_sigma(i)
+        if self.prediction_type == "epsilon":
+            pred_x0 = (x_t - sigma_s * model_output) / alpha_s
+        elif self.prediction_type == "v_prediction":
+            pred_x0 = alpha_s * x_t - sigma_s * model_output
+        else:
+            pred_x0 = model_output
+        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        lambda_s, lambda_t = alpha_s.log() - sigma_s.log(), alpha_t.log() - sigma_t.log()
+        h = lambda_t - lambda_s
+        prev = (sigma_t / sigma_s) * x_t - (alpha_t * (torch.exp(-h) - 1.0)) * pred_x0  # first order
+        last = i == len(self.timesteps) - 1
+        if self._prev_x0 is not None and not last:  # second order from the last two x0 predictions
+            alpha_p, sigma_p = self._alpha_sigma(i - 1)
+            r = (lambda_s - (alpha_p.log() - sigma_p.log())) / h  # h_prev / h
+            d1 = (1.0 / r) * (pred_x0 - self._prev_x0)
+            prev = prev - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+        self._i, self._prev_x0 = i + 1, pred_x0
+        return SamplerOutput(prev, pred_x0)
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmsolver++": DPMSolverSampler}
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, **kwargs) -> _Sampler:
-    """A sampler by name: 'ddpm' or 'ddim'."""
+    """A sampler by name: 'ddpm', 'ddim' or 'dpmsolver++' (DPM-Solver++(2M))."""
     check_choice("sampler", name, SAMPLERS)
     return SAMPLERS[name](schedule, **kwargs)
 
