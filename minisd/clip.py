@@ -406,7 +406,10 @@ def evaluate_clip(model: CLIP, tokenizer, split: str = "test", num_images: int =
     retrieval R@1 among `candidates` images — for the canonical caption of each image, the most
     similar of `candidates` images (itself and `candidates − 1` others) must show exactly what
     the caption says (colour, shape, size and position; another image with the same four
-    attributes counts as a hit); image→text the same way over the 180 canonical captions.
+    attributes counts as a hit). For the 'heldout' split half of each block of candidates are
+    test images, so that a caption such as "a small blue triangle …" competes with blue circles
+    and red triangles, not only with the other two held-out pairs;
+    image→text the same way over all 180 canonical captions.
     """
     from minisd.data import ATTRIBUTES, VOCABULARY, Shapes, captions_for
 
@@ -417,13 +420,26 @@ def evaluate_clip(model: CLIP, tokenizer, split: str = "test", num_images: int =
     for k, name in enumerate(ATTRIBUTES):
         predicted = zero_shot_classify(model, tokenizer, data.images, list(VOCABULARY[name]), ATTRIBUTE_TEMPLATES[name])
         out[f"zero_shot_{name}"] = (predicted == data.labels[:, k]).float().mean().item()
-    # text → image among `candidates`: blocks of `candidates` images, each image's caption queries its block
-    n = num_images - num_images % candidates
-    text_emb = embed_texts(model, tokenizer, data.captions[:n])
+    # text → image: blocks of `candidates` images; the captions of the split's images in a block query it
+    per_block = candidates // 2 if split == "heldout" else candidates
+    blocks = num_images // per_block
+    if blocks == 0:
+        raise MinisdError(f"num_images {num_images} is too small for blocks of {candidates} candidates")
+    pool_labels, pool_emb = data.labels, image_emb
+    if per_block < candidates:  # fill each block with distractors from the test split
+        distractors = Shapes("test", num_images=blocks * (candidates - per_block),
+                             image_size=model.config.image.image_size, seed=seed + 2)
+        pool_labels = torch.cat([data.labels[: blocks * per_block].view(blocks, per_block, 4),
+                                 distractors.labels.view(blocks, -1, 4)], 1).view(-1, 4)
+        pool_emb = torch.cat([image_emb[: blocks * per_block].view(blocks, per_block, -1),
+                              embed_images(model, distractors.images).view(blocks, candidates - per_block, -1)],
+                             1).view(blocks * candidates, -1)
+    text_emb = embed_texts(model, tokenizer, data.captions[: blocks * per_block])
     hits = []
-    for lo in range(0, n, candidates):
-        best = retrieve(text_emb[lo: lo + candidates], image_emb[lo: lo + candidates])[:, 0] + lo
-        hits.append((data.labels[best] == data.labels[lo: lo + candidates]).all(1))
+    for b in range(blocks):
+        queries = slice(b * per_block, (b + 1) * per_block)
+        best = retrieve(text_emb[queries], pool_emb[b * candidates: (b + 1) * candidates])[:, 0] + b * candidates
+        hits.append((pool_labels[best] == data.labels[queries]).all(1))
     out[f"text_to_image_r1_of_{candidates}"] = torch.cat(hits).float().mean().item()
     # image → text among every canonical caption
     every = torch.cartesian_prod(*(torch.arange(len(VOCABULARY[a])) for a in ATTRIBUTES))  # (180, 4) labels
