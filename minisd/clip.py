@@ -34,7 +34,7 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned scale at 100 so train
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    vocab_size: int = 31
+    vocab_size: int = 31  # len(shapes_tokenizer(paraphrases=True)); train_clip sets it from its tokenizer
     max_length: int = 16
     width: int = 64
     layers: int = 2
@@ -386,9 +386,7 @@ def train_clip(preset: str = "cpu", *, images: torch.Tensor | None = None, label
                       image_size=config.image.image_size, seed=seed)
         images, labels = data.images, data.labels
     tokenizer = shapes_tokenizer(config.text.max_length, paraphrases=True)
-    if len(tokenizer) > config.text.vocab_size:
-        raise MinisdError(f"the tokenizer has {len(tokenizer)} words but the text encoder only "
-                          f"{config.text.vocab_size}; raise TextEncoderConfig.vocab_size")
+    config = replace(config, text=replace(config.text, vocab_size=len(tokenizer)))  # one row per word
     torch.manual_seed(seed)  # the initial weights
     model = CLIP(config)
     loss_fn = clip_loss_fn(tokenizer, paraphrase, drop, label_aware)
