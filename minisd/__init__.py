@@ -10,6 +10,9 @@ Modules, in course order:
     unet        the U-Net with skip connections                              (chapter 3)
     attention   attention from scratch, self- and cross attention blocks    (chapter 4)
     tokenizer   captions → token ids                                         (chapters 4, 5)
+    clip        text and image encoders trained contrastively; zero-shot     (chapter 5)
+    vae         the VAE: images ↔ latents, its two-term loss, latent scale  (chapter 6)
+    runs        run folders: train components stage by stage, evaluate them  (chapters 5–7)
     checkpoint  safetensors + config.json, written atomically               (all saved models)
     viz, widgets  figures and ipywidgets explorers                           (all)
 """

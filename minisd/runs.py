@@ -108,32 +108,35 @@ def evaluate_run(run, split: str = "test", log=print) -> dict:
     present = [s for s in STAGES if (run / s / "model.safetensors").exists() or (run / s / "config.json").exists()]
     if not present:
         raise MinisdError(f"{str(run)!r} has no trained component (looked for {', '.join(s + '/' for s in STAGES)})")
+    models = {}  # load everything first: a damaged file fails before minutes of evaluation
+    if "vae" in present:
+        from minisd.vae import VAE
+
+        models["vae"] = VAE.from_pretrained(run / "vae")
+    if "clip" in present:
+        from minisd.clip import CLIP
+        from minisd.tokenizer import Tokenizer
+
+        models["clip"] = (CLIP.from_pretrained(run / "clip"), Tokenizer.load(run / "tokenizer.json"))
     figures: dict[str, dict] = {}
     for stage in present:
         for part in dict.fromkeys([split, "heldout"]):
             if stage == "vae":
-                from minisd.vae import VAE, evaluate_vae
+                from minisd.vae import evaluate_vae, format_vae_metrics
 
-                result = evaluate_vae(VAE.from_pretrained(run / "vae"), split=part)
+                result = evaluate_vae(models["vae"], split=part)
+                lines = format_vae_metrics(result).splitlines()
             else:
-                from minisd.clip import CLIP, evaluate_clip
-                from minisd.tokenizer import Tokenizer
+                from minisd.clip import evaluate_clip
 
-                result = evaluate_clip(CLIP.from_pretrained(run / "clip"), Tokenizer.load(run / "tokenizer.json"), part)
+                result = evaluate_clip(*models["clip"], part)
+                lines = ["  ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())]  # all fractions
             figures[f"{stage}/{part}"] = result
-            log(f"{stage:4s} {part:8s} " + "  ".join(_format(k, v) for k, v in result.items()))
+            log(f"{stage:4s} {part:8s} {lines[0]}")
+            for line in lines[1:]:
+                log(f"{'':14s}{line}")
     metrics = _read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
     metrics.setdefault("eval", {}).update(figures)
     _write_json(run / "metrics.json", metrics)
     return figures
 
-
-FRACTIONS = ("zero_shot", "_r1_", "preserved", "accuracy")  # figures printed as percentages
-
-
-def _format(name: str, value) -> str:
-    if isinstance(value, float) and any(f in name for f in FRACTIONS):
-        return f"{name} {100 * value:.1f}%"
-    if isinstance(value, float):
-        return f"{name} {value:.4g}"
-    return f"{name} {value}"

@@ -52,24 +52,30 @@ def test_a_failed_run_leaves_an_existing_file_untouched(tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-    """A run folder with a tiny CLIP, trained once for the tests below."""
+    """A run folder with a tiny VAE and CLIP, trained once for the tests below."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--preset", "tiny", "--stages", "clip", "--out", str(out)]) == 0
+    assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
     return out
 
 
 def test_train_writes_a_run_folder_and_eval_prints_and_stores_figures(clip_run, capsys):
     for name in ("config.json", "metrics.json", "tokenizer.json", "text_encoder/model.safetensors",
-                 "text_encoder/config.json", "clip/model.safetensors", "clip/config.json"):
+                 "text_encoder/config.json", "clip/model.safetensors", "clip/config.json",
+                 "vae/model.safetensors", "vae/config.json"):
         assert (clip_run / name).is_file(), name
     config = json.loads((clip_run / "config.json").read_text())
-    assert config["preset"] == "tiny" and "clip" in config["stages"] and config["seed"] == 0
+    assert config["preset"] == "tiny" and set(config["stages"]) == {"vae", "clip"} and config["seed"] == 0
+    assert config["stages"]["vae"]["scale_factor"] != 1.0  # computed from data after training
+    capsys.readouterr()
     assert main(["eval", "--run", str(clip_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("clip test") and "zero_shot_color" in lines[0]
-    assert lines[1].startswith("clip heldout")
+    assert lines[0].startswith("vae  test     reconstruction:") and "dB PSNR" in lines[0]
+    clip_lines = [line for line in lines if line.startswith("clip")]
+    assert clip_lines[0].startswith("clip test") and "zero_shot_color" in clip_lines[0]
+    assert clip_lines[1].startswith("clip heldout")
     metrics = json.loads((clip_run / "metrics.json").read_text())
-    assert metrics["train"]["clip"]["steps"] > 0
+    assert metrics["train"]["clip"]["steps"] > 0 and metrics["train"]["vae"]["steps"] > 0
+    assert metrics["eval"]["vae/test"]["psnr_db"] > 0
     figures = metrics["eval"]["clip/test"]
     assert set(figures) >= {"zero_shot_color", "zero_shot_shape", "zero_shot_size", "zero_shot_position",
                             "text_to_image_r1_of_100"}
