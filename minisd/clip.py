@@ -415,8 +415,9 @@ def evaluate_clip(model: CLIP, tokenizer, split: str = "test", num_images: int =
     data = Shapes(split, num_images=num_images, image_size=model.config.image.image_size, seed=seed + 1)
     image_emb = embed_images(model, data.images)
     out: dict[str, float] = {}
-    for k, name in enumerate(ATTRIBUTES):
-        predicted = zero_shot_classify(model, tokenizer, data.images, list(VOCABULARY[name]), ATTRIBUTE_TEMPLATES[name])
+    for k, name in enumerate(ATTRIBUTES):  # zero_shot_classify, on the embeddings already computed
+        classes = class_embeddings(model, tokenizer, list(VOCABULARY[name]), ATTRIBUTE_TEMPLATES[name])
+        predicted = (image_emb @ classes.T).argmax(1).cpu()
         out[f"zero_shot_{name}"] = (predicted == data.labels[:, k]).float().mean().item()
     # text → image: blocks of `candidates` images; the captions of the split's images in a block query it
     per_block = candidates // 2 if split == "heldout" else candidates

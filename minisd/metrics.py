@@ -37,6 +37,14 @@ def mean_nn_distance(samples: torch.Tensor, data: torch.Tensor) -> float:
 _AREA_PER_R2 = (math.pi, 1.7**2, 3 * math.sqrt(3) / 4 * 1.3**2)
 
 
+def nearest_colour(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB (N, 3) in [0, 1] → index (N,) of the nearest canonical colour in `minisd.data.COLORS`."""
+    from minisd.data import COLORS
+
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (6, 3)
+    return torch.cdist(rgb.float(), palette).argmin(1)
+
+
 def read_attributes(images: torch.Tensor) -> torch.Tensor:
     """Measure the four Shapes attributes of each image (N, 3, S, S), floats in [0, 1] or uint8.
     Returns labels (N, 4) in `minisd.data.ATTRIBUTES` order; −1 where no object is found.
@@ -47,11 +55,10 @@ def read_attributes(images: torch.Tensor) -> torch.Tensor:
     size:     the object's area against the midpoint of the small and large areas
     position: the canonical centre nearest to the object's centroid
     """
-    from minisd.data import _CENTERS, COLORS, POSITIONS, SHAPES, _signed_distance
+    from minisd.data import _CENTERS, POSITIONS, SHAPES, _signed_distance
 
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
     N, _, S, _ = x.shape
-    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (6, 3)
     centers = torch.tensor([_CENTERS[p] for p in POSITIONS])  # (5, 2) as fractions
     brightness = x.amax(1)  # (N, S, S)
     out = torch.full((N, 4), -1, dtype=torch.long)
@@ -63,7 +70,7 @@ def read_attributes(images: torch.Tensor) -> torch.Tensor:
         coverage = (brightness[i] / peak).clamp(0, 1) * (brightness[i] > 0.15)
         core = coverage > 0.7
         mean_rgb = x[i][:, core].mean(1)  # (3,)
-        out[i, 0] = torch.cdist(mean_rgb[None], palette).argmin()
+        out[i, 0] = nearest_colour(mean_rgb[None])[0]
         area = coverage.sum()
         cy = (coverage.sum(1) * grid).sum() / area
         cx = (coverage.sum(0) * grid).sum() / area

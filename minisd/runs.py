@@ -110,11 +110,11 @@ def evaluate_run(run, split: str = "test", log=print) -> dict:
         raise MinisdError(f"{str(run)!r} has no trained component (looked for {', '.join(s + '/' for s in STAGES)})")
     models = {}  # load everything first: a damaged file fails before minutes of evaluation
     if "vae" in present:
-        from minisd.vae import VAE
+        from minisd.vae import VAE, evaluate_vae, format_vae_metrics
 
         models["vae"] = VAE.from_pretrained(run / "vae")
     if "clip" in present:
-        from minisd.clip import CLIP
+        from minisd.clip import CLIP, evaluate_clip
         from minisd.tokenizer import Tokenizer
 
         models["clip"] = (CLIP.from_pretrained(run / "clip"), Tokenizer.load(run / "tokenizer.json"))
@@ -122,13 +122,9 @@ def evaluate_run(run, split: str = "test", log=print) -> dict:
     for stage in present:
         for part in dict.fromkeys([split, "heldout"]):
             if stage == "vae":
-                from minisd.vae import evaluate_vae, format_vae_metrics
-
                 result = evaluate_vae(models["vae"], split=part)
                 lines = format_vae_metrics(result).splitlines()
             else:
-                from minisd.clip import evaluate_clip
-
                 result = evaluate_clip(*models["clip"], part)
                 lines = ["  ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())]  # all fractions
             figures[f"{stage}/{part}"] = result

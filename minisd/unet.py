@@ -62,18 +62,21 @@ class UNetConfig:
 
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv, + timestep, GroupNorm → SiLU → conv, with a residual (1×1 conv when
-    the channel count changes). x: (B, C_in, H, W), temb: (B, T) → (B, C_out, H, W)."""
+    the channel count changes). x: (B, C_in, H, W), temb: (B, T) → (B, C_out, H, W).
+    With time_dim=None there is no timestep (the VAE's block)."""
 
-    def __init__(self, c_in: int, c_out: int, time_dim: int, groups: int):
+    def __init__(self, c_in: int, c_out: int, time_dim: int | None, groups: int):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.time = nn.Linear(time_dim, c_out)
+        if time_dim is not None:
+            self.time = nn.Linear(time_dim, c_out)
         self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, temb):
+    def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(F.silu(temb))[:, :, None, None]  # the timestep, added to every pixel
+        if temb is not None:
+            h = h + self.time(F.silu(temb))[:, :, None, None]  # the timestep, added to every pixel
         h = self.conv2(F.silu(self.norm2(h)))
         return self.shortcut(x) + h
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.errors import MinisdError, check_choice
+from minisd.metrics import nearest_colour
+from minisd.unet import ResBlock  # the U-Net's residual block, without a timestep
 
 
 @dataclass(frozen=True)
@@ -120,22 +122,6 @@ class VAEOutput(NamedTuple):
     latents: torch.Tensor  # (B, latent_channels, H/f, W/f): the sample that was decoded (unscaled)
 
 
-class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv, GroupNorm → SiLU → conv, plus the input (through a 1×1 conv when
-    the channel count changes): the U-Net's block without the timestep. (B, C_in, H, W) → (B, C_out, H, W)."""
-
-    def __init__(self, c_in: int, c_out: int, groups: int):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.shortcut(x) + h
-
-
 class Encoder(nn.Module):
     """x (B, in, H, W) → (B, 2·latent, H/f, W/f): mean and log σ² stacked (B, latent, …) for a plain
     autoencoder. Each level: residual blocks, then a stride-2 conv (not after the last level)."""
@@ -147,11 +133,11 @@ class Encoder(nn.Module):
         layers, prev = [], ch[0]
         for i, width in enumerate(ch):
             for _ in range(c.blocks_per_level):
-                layers.append(ResBlock(prev, width, c.norm_groups))
+                layers.append(ResBlock(prev, width, None, c.norm_groups))
                 prev = width
             if i < len(ch) - 1:
                 layers.append(nn.Conv2d(prev, prev, 3, stride=2, padding=1))  # (B, C, H, W) → (B, C, H/2, W/2)
-        layers.append(ResBlock(prev, prev, c.norm_groups))  # the middle block, at the lowest resolution
+        layers.append(ResBlock(prev, prev, None, c.norm_groups))  # the middle block, at the lowest resolution
         self.body = nn.Sequential(*layers)
         self.norm_out = nn.GroupNorm(c.norm_groups, prev)
         out = 2 * c.latent_channels if c.variational else c.latent_channels
@@ -169,10 +155,10 @@ class Decoder(nn.Module):
         super().__init__()
         ch = c.channels[::-1]
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
-        layers, prev = [ResBlock(ch[0], ch[0], c.norm_groups)], ch[0]  # the middle block
+        layers, prev = [ResBlock(ch[0], ch[0], None, c.norm_groups)], ch[0]  # the middle block
         for i, width in enumerate(ch):
             for _ in range(c.blocks_per_level):
-                layers.append(ResBlock(prev, width, c.norm_groups))
+                layers.append(ResBlock(prev, width, None, c.norm_groups))
                 prev = width
             if i < len(ch) - 1:
                 layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(prev, prev, 3, padding=1)]
@@ -330,14 +316,6 @@ def mean_foreground_colour(images: torch.Tensor, mask: torch.Tensor) -> torch.Te
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     m = mask.float().unsqueeze(1)  # (N, 1, S, S)
     return (x * m).flatten(2).sum(2) / m.flatten(2).sum(2).clamp(min=1)
-
-
-def nearest_colour(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB (N, 3) in [0, 1] → index (N,) of the nearest canonical colour in `minisd.data.COLORS`."""
-    from minisd.data import COLORS
-
-    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (6, 3)
-    return torch.cdist(rgb.float(), palette).argmin(1)
 
 
 def colour_preserved(reconstructions: torch.Tensor, originals: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
