@@ -366,10 +366,10 @@ def clip_loss_fn(tokenizer, paraphrase: float = 0.5, drop: float = 0.25, label_a
 def train_clip(preset: str = "cpu", *, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                config: CLIPConfig | None = None, steps: int | None = None, label_aware: bool = True,
                paraphrase: float = 0.5, drop: float = 0.25, seed: int = 0, device: str = "auto",
-               progress: bool = True):
+               progress: bool = True, state_file=None):
     """Train a CLIP on Shapes (train split: the held-out colour–shape pairs never appear).
 
-    Returns (model, tokenizer, TrainResult). `images` uint8 (N, 3, S, S) and `labels` (N, 4)
+    Returns (model, tokenizer, TrainResult); state_file: see `minisd.train.train` (resume). `images` uint8 (N, 3, S, S) and `labels` (N, 4)
     default to training images rendered with `seed` (20,000; 2,000 for 'tiny').
     """
     from minisd.data import Shapes
@@ -390,7 +390,8 @@ def train_clip(preset: str = "cpu", *, images: torch.Tensor | None = None, label
     torch.manual_seed(seed)  # the initial weights
     model = CLIP(config)
     loss_fn = clip_loss_fn(tokenizer, paraphrase, drop, label_aware)
-    result = train(model, loss_fn, (images, labels), train_config, hook=lambda step, loss: model.clamp_logit_scale())
+    result = train(model, loss_fn, (images, labels), train_config, hook=lambda step, loss: model.clamp_logit_scale(),
+                   state_file=state_file)
     return model, tokenizer, result
 
 

@@ -11,7 +11,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,18 +57,50 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     desc: str = "training"
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (see `EMA`)
+    save_every: int = 0  # with a state file: save the training state every this many steps (0: 20 times a run)
+    mixed_precision: bool = True  # on CUDA, run the forward pass in bfloat16 (autocast); CPU stays float32
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise MinisdError(f"steps and batch_size must be ≥ 1, got {self.steps} and {self.batch_size}")
         if not self.lr > 0:
             raise MinisdError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise MinisdError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class EMA:
+    """An exponential moving average of a model's weights, the copy diffusion models sample from:
+
+        θ_ema ← d · θ_ema + (1 − d) · θ,   d = min(decay, (1 + step) / (10 + step))
+
+    The warm-up of d (as in diffusers' EMAModel) lets a short run's average forget the random
+    initial weights quickly; late in a long run d = decay smooths over about 1 / (1 − decay) steps.
+    Buffers are copied as they are."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), 1 - d)
+        for avg, b in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(b)
 
 
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the training steps, summed over resumed sessions
+    ema: nn.Module | None = None  # the averaged weights, when config.ema_decay > 0
+    resumed_from: int = 0  # the step a saved state was resumed at (0: started afresh)
+    resumed_seconds: float = 0.0  # the training time spent before that
 
     def smoothed(self, window: int = 50) -> list[float]:
         """Running mean of the loss over `window` steps, for plots."""
@@ -87,14 +120,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.Tensor, ...],
-          config: TrainConfig, hook: Callable[[int, float], None] | None = None) -> TrainResult:
+          config: TrainConfig, hook: Callable[[int, float], None] | None = None,
+          state_file=None) -> TrainResult:
     """Train `model` in place for `config.steps` steps of AdamW on random batches of `data`.
 
     data: a tensor (N, …) or a tuple of tensors sharing N, held in memory; each step draws
           `batch_size` random rows (seeded), moves them to the device and calls
     loss_fn(model, batch, generator) → scalar loss, with `batch` a tensor or tuple like `data`.
     hook(step, loss) is called after every step (e.g. to record samples for a figure).
+    state_file: where to save everything a resume needs (weights, optimiser, EMA, step, losses,
+          random state) every `config.save_every` steps; if the file exists, training continues
+          from it, and ends exactly where an uninterrupted run would (on the CPU). The caller
+          deletes it once the finished weights are saved.
     """
+    from minisd.checkpoint import load_train_state, save_train_state
+
     device = pick_device(config.device)
     tensors = data if isinstance(data, tuple) else (data,)
     n = len(tensors[0])
@@ -103,24 +143,42 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    result, start = TrainResult(), time.perf_counter()
-    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress)
+    ema = EMA(model, config.ema_decay) if config.ema_decay else None
+    result, first = TrainResult(), 0
+    if state_file is not None and Path(state_file).is_file():
+        first, result.losses, result.seconds = load_train_state(state_file, model, optimizer, ema, generator,
+                                                                asdict(config))
+        result.resumed_from, result.resumed_seconds = first, result.seconds
+    save_every = config.save_every or max(1, config.steps // 20)
+    autocast = config.mixed_precision and device.type == "cuda"  # weights and optimiser stay float32
+    start = time.perf_counter() - result.seconds
+    bar = tqdm(range(first, config.steps), desc=config.desc, disable=not config.progress,
+               initial=first, total=config.steps)
     for step in bar:
+        for group in optimizer.param_groups:  # warm-up, then cosine decay
+            group["lr"] = config.lr * lr_factor(step, config)
         idx = torch.randint(0, n, (config.batch_size,), generator=generator)
         batch = tuple(x[idx].to(device, non_blocking=True) for x in tensors)
-        loss = loss_fn(model, batch if isinstance(data, tuple) else batch[0], generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model, batch if isinstance(data, tuple) else batch[0], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        scheduler.step()
+        if ema is not None:
+            ema.update(model, step)
         result.losses.append(loss.item())
         if step % 25 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{result.smoothed()[-1]:.4f}")
         if hook is not None:
             hook(step, result.losses[-1])
+        if state_file is not None and (step + 1) % save_every == 0 and step + 1 < config.steps:
+            result.seconds = time.perf_counter() - start
+            save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
+                             generator, asdict(config))
     result.seconds = time.perf_counter() - start
     model.eval()
+    if ema is not None:
+        result.ema = ema.model
     return result

@@ -426,12 +426,13 @@ PRESET_IMAGES = {name: p[3] for name, p in _PRESETS.items()}  # name → trainin
 
 def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: float | None = None,
               variational: bool = True, steps: int | None = None, seed: int = 0, device: str = "auto",
-              progress: bool = True, config: VAEConfig | None = None):
+              progress: bool = True, config: VAEConfig | None = None, state_file=None):
     """Train a VAE (or, with variational=False, a plain autoencoder) with `minisd.train.train`.
 
     images: uint8 (N, C, S, S); by default `PRESET_IMAGES[preset]` Shapes train images of side 32.
     beta, steps, config: override the preset's. At the end the scale factor is computed on up to
-    2048 of the training images and stored in the config. Returns (vae, TrainResult).
+    2048 of the training images and stored in the config. state_file: see `minisd.train.train`
+    (resume). Returns (vae, TrainResult).
     """
     from minisd.data import Shapes, normalize
     from minisd.train import PRESETS, train
@@ -449,6 +450,7 @@ def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: 
         raise MinisdError(f"images must be uint8 (N, C, S, S), got {images.dtype}")
     torch.manual_seed(seed)  # the initial weights
     vae = VAE(vae_config)
-    result = train(vae, lambda m, x, g: vae_loss(m, normalize(x), beta, g)[0], images, train_config)
+    result = train(vae, lambda m, x, g: vae_loss(m, normalize(x), beta, g)[0], images, train_config,
+                   state_file=state_file)
     vae.with_scale_factor(images[:2048], generator=torch.Generator().manual_seed(seed))
     return vae, result
