@@ -1,8 +1,9 @@
 """The `minisd` command.
 
     minisd data  --dataset shapes --out grid.png            a captioned preview of the built-in dataset
-    minisd train --preset cpu --out runs/cpu [--stages …]   train the components into a run folder
-    minisd eval  --run runs/cpu                             print (and store) each component's figures
+    minisd train  --preset cpu --out runs/cpu [--stages …] [--resume]   train the model into a run folder
+    minisd sample --run runs/cpu --prompt "…" --out grid.png           a captioned grid of samples
+    minisd eval   --run runs/cpu                  print (and store) each component's figures
 
 A user mistake prints one line `error: …` and exits with status 2; nothing on disk is touched.
 """
@@ -52,8 +53,43 @@ def cmd_data(args) -> None:
 def cmd_train(args) -> None:
     from minisd.runs import train_run
 
-    train_run(args.out, args.preset, args.stages, seed=args.seed, device=args.device)
-    print(f"wrote {args.out}; evaluate it with `minisd eval --run {args.out}`")
+    metrics = train_run(args.out, args.preset, args.stages, seed=args.seed, device=args.device, resume=args.resume)
+    print(f"wrote {args.out} in {metrics['train']['total_wall_seconds']:.0f} s of training; "
+          f"sample with `minisd sample --run {args.out} --prompt \"a large red circle in the center\" "
+          f"--out grid.png`, measure with `minisd eval --run {args.out}`")
+
+
+def cmd_sample(args) -> None:
+    import os
+    import tempfile
+
+    from minisd.pipeline import StableDiffusion, check_count, check_guidance
+    from minisd.viz import save_figure, show_images
+
+    out = _output_path(args.out)
+    try:  # find out now, not after sampling, whether the folder takes a new file
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise MinisdError(f"cannot write {str(out)!r} ({e.strerror or e}); choose another --out") from None
+    if out.exists() and not os.access(out, os.W_OK):
+        raise MinisdError(f"cannot write {str(out)!r} (permission denied); choose another --out")
+    check_count("-n", args.n, 1, 256)
+    check_guidance(args.guidance)
+    sd = StableDiffusion.from_pretrained(args.run, device=args.device)
+    res = sd(args.prompt, num_images=args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
+             sampler=args.sampler, seed=args.seed, progress=True)
+    titles = [f"{p}\n(seed {args.seed}, #{i % args.n})" if len(args.prompt) > 1 or args.n == 1 else f"#{i}"
+              for i, p in enumerate(res.prompts)]
+    suptitle = (f"{args.prompt[0]!r}" if len(args.prompt) == 1 else f"{len(args.prompt)} prompts") + \
+        f" — {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, seed {args.seed}"
+    fig = show_images(res.images, titles, ncols=min(8, args.n) if len(args.prompt) == 1 else args.n,
+                      size=1.8, suptitle=suptitle)
+    try:
+        save_figure(fig, out)
+    except OSError as e:
+        raise MinisdError(f"cannot write {str(out)!r} ({e.strerror or e})") from None
+    print(f"wrote {out}: {len(res.images)} images of {sd.image_size}×{sd.image_size}")
 
 
 def cmd_eval(args) -> None:
@@ -78,13 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     from minisd.runs import STAGES
 
     t = sub.add_parser("train", help="train the model's components into a run folder")
-    t.add_argument("--preset", default="cpu", help="tiny (seconds), cpu (minutes on a laptop) or gpu")
+    t.add_argument("--preset", default=None,
+                   help="tiny (seconds), cpu (minutes on a laptop; the default) or gpu")
     t.add_argument("--out", required=True, help="run folder to create or update, e.g. runs/cpu")
     t.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE",
                    help=f"which components to (re)train, among {', '.join(STAGES)} (default: all)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its saved state (same result as if never stopped)")
     t.set_defaults(func=cmd_train)
+
+    from minisd.pipeline import SAMPLER_NAMES
+
+    s = sub.add_parser("sample", help="generate images from a trained run and save a captioned grid")
+    s.add_argument("--run", required=True, help="run folder written by `minisd train`")
+    s.add_argument("--prompt", required=True, action="append",
+                   help='what to draw, e.g. "a large red circle in the center" (repeat for several prompts)')
+    s.add_argument("--out", required=True, help="image file to write (.png, .jpg, .pdf, .svg)")
+    s.add_argument("-n", type=int, default=8, help="images per prompt (default 8)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    s.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    s.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLER_NAMES)} (default ddim)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="measure the trained components of a run folder")
     e.add_argument("--run", required=True, help="run folder written by `minisd train`")

@@ -6,7 +6,10 @@
       vae/               the VAE                          (stage 'vae',  chapter 6)
       text_encoder/      the CLIP text tower alone        (stage 'clip', chapter 5) — what the U-Net will read
       clip/              the whole CLIP, both towers      (stage 'clip') — for zero-shot and retrieval figures
+      unet/              the conditional latent U-Net (EMA weights)  (stage 'unet', chapter 7)
       metrics.json       per stage: wall time, losses; per evaluation: the figures
+      train_state/       while a stage trains: what `--resume` needs (weights, optimiser, EMA, RNG)
+      cache/             the training images encoded to latents, keyed on the VAE's weights
 
 Every file is written atomically, so an interrupted command never leaves a half-written file
 where a good one stood. `minisd train` and `minisd eval` are thin wrappers around this module.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import json
 import platform
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,89 +28,175 @@ import torch
 from minisd.checkpoint import atomic_write
 from minisd.errors import MinisdError, check_choice
 
-STAGES = ("vae", "clip")  # in training order; the conditional U-Net joins in chapter 7
+STAGES = ("vae", "clip", "unet")  # in training order
+DEPENDS = {"vae": set(), "clip": set(), "unet": {"vae", "clip"}}  # the U-Net learns on their outputs
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinisdError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
 
 
-def _check_run_folder(out: Path, preset: str) -> dict:
-    """The run's config.json, new or existing; refuses a folder that is not a run of this preset."""
+def _check_run_folder(out: Path, preset: str | None, resume: bool) -> dict:
+    """The run's config.json, new or existing; refuses a folder that is not a run (of this preset)."""
     if out.exists() and not out.is_dir():
         raise MinisdError(f"--out {str(out)!r} is a file, not a folder")
     if (out / "config.json").is_file():
-        config = _read_json(out / "config.json")
-        if config.get("preset") != preset:
+        config = read_json(out / "config.json")
+        if preset is not None and config.get("preset") != preset:
             raise MinisdError(f"{str(out)!r} holds a run of preset {config.get('preset')!r}, not {preset!r}; "
                               "choose another --out")
         return config
+    if resume:
+        raise MinisdError(f"no saved state in {str(out)!r} to resume; start the run without --resume")
     if out.is_dir() and any(out.iterdir()):
         raise MinisdError(f"{str(out)!r} exists and is not a minisd run folder; choose an empty or new folder")
     if not out.parent.exists():
         raise MinisdError(f"folder {str(out.parent)!r} for --out does not exist; create it first")
-    return {"preset": preset, "dataset": "shapes", "stages": {}}
+    return {"preset": preset or "cpu", "dataset": "shapes", "stages": {}}
 
 
-def train_run(out, preset: str = "cpu", stages=STAGES, seed: int = 0, device: str = "auto",
-              progress: bool = True, log=print) -> dict:
-    """Train the given stages into run folder `out` (created if needed); returns metrics.json's content."""
-    from dataclasses import asdict
+def _plan(config: dict, out: Path, stages, resume: bool) -> list[str]:
+    """Which stages to train now, in order."""
+    done = set(config["stages"])
+    if resume:
+        todo = [s for s in STAGES if s in stages and s not in done]
+        if not todo:
+            raise MinisdError(f"the run in {str(out)!r} is complete (stages {', '.join(sorted(done))}); "
+                              "nothing to resume")
+        return todo
+    todo = [s for s in STAGES if s in stages]
+    for s in todo:
+        missing = DEPENDS[s] - done - set(todo)
+        if missing:
+            raise MinisdError(f"the {s} stage needs a trained {' and '.join(sorted(missing))}, which "
+                              f"{str(out)!r} does not have; add {' '.join(sorted(missing))} to --stages")
+    stale = [s for s in STAGES if s in done and s not in todo and any(DEPENDS[s] & set(todo))]
+    if stale:
+        raise MinisdError(f"retraining {' and '.join(sorted(DEPENDS[stale[0]] & set(todo)))} would leave the "
+                          f"trained {stale[0]} of {str(out)!r} out of date; add {stale[0]} to --stages")
+    return todo
 
+
+def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, device: str = "auto",
+              progress: bool = True, log=print, resume: bool = False) -> dict:
+    """Train the given stages into run folder `out` (created if needed); returns metrics.json's content.
+
+    preset: None means 'cpu' for a new run and the run's own preset when resuming.
+    resume: continue an interrupted run from its saved training state (train_state/): stages
+    already finished are kept, the interrupted one goes on from its last saved step and ends with
+    the same weights as an uninterrupted run. Without it, the asked-for stages train afresh.
+    """
     import minisd
+    from minisd.pipeline import SCHEDULE
     from minisd.train import PRESETS
 
-    check_choice("preset", preset, PRESETS)
+    if preset is not None:
+        check_choice("preset", preset, PRESETS)
     stages = list(dict.fromkeys(stages))
     for s in stages:
         check_choice("stage", s, STAGES)
     out = Path(out)
-    config = _check_run_folder(out, preset)
+    config = _check_run_folder(out, preset, resume)
+    check_choice("preset", config.get("preset"), PRESETS)
+    if resume:
+        seed = config.get("seed", seed)
+    todo = _plan(config, out, stages, resume)
     out.mkdir(exist_ok=True)
-    config.update(seed=seed, versions={"minisd": minisd.__version__, "torch": torch.__version__,
-                                       "python": platform.python_version()})
-    metrics = _read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
+    config.update(seed=seed, pipeline={"schedule": SCHEDULE, "image_size": 32, "prediction_type": "epsilon"},
+                  versions={"minisd": minisd.__version__, "torch": torch.__version__,
+                            "python": platform.python_version()})
+    write_json(out / "config.json", config)
+    metrics = read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     metrics.setdefault("train", {})
-    for stage in (s for s in STAGES if s in stages):
-        if stage == "vae":
-            from minisd.vae import train_vae
-
-            model, result = train_vae(preset, seed=seed, device=device, progress=progress)
-            model.save_pretrained(out / "vae")
-            config["stages"]["vae"] = asdict(model.config)
-        else:
-            from minisd.clip import train_clip
-
-            model, tokenizer, result = train_clip(preset, seed=seed, device=device, progress=progress)
-            tokenizer.save(out / "tokenizer.json")
-            model.text_encoder.save_pretrained(out / "text_encoder")
-            model.save_pretrained(out / "clip")
-            config["stages"]["clip"] = asdict(model.config)
-        metrics["train"][stage] = {"seconds": round(result.seconds, 1), "steps": len(result.losses),
-                                   "final_loss": result.smoothed()[-1], "losses": result.losses[::10]}
-        log(f"{stage}: trained in {result.seconds:.0f} s, final loss {result.smoothed()[-1]:.4f}")
-        _write_json(out / "config.json", config)
-        _write_json(out / "metrics.json", metrics)
+    for stage in todo:
+        state_file = out / "train_state" / f"{stage}.safetensors"
+        if not resume:
+            state_file.unlink(missing_ok=True)
+        elif state_file.is_file():
+            log(f"{stage}: resuming from {state_file}")
+        begin = time.perf_counter()
+        result = _train_stage(stage, out, config, seed, device, progress, state_file, log)
+        wall = time.perf_counter() - begin
+        metrics["train"][stage] = {
+            "seconds": round(result.seconds, 1),  # the training steps, over every session
+            "wall_seconds": round(result.resumed_seconds + wall, 1),  # with data, encoding and saving
+            "steps": len(result.losses), "resumed_from": result.resumed_from,
+            "final_loss": result.smoothed()[-1], "losses": result.losses[::10]}
+        log(f"{stage}: trained in {wall:.0f} s, final loss {result.smoothed()[-1]:.4f}")
+        write_json(out / "config.json", config)
+        write_json(out / "metrics.json", metrics)
+        state_file.unlink(missing_ok=True)
+    if (out / "train_state").is_dir() and not any((out / "train_state").iterdir()):
+        (out / "train_state").rmdir()
+    metrics["train"]["total_wall_seconds"] = round(sum(v["wall_seconds"] for k, v in metrics["train"].items()
+                                                       if k in STAGES), 1)
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def evaluate_run(run, split: str = "test", log=print) -> dict:
+def _train_stage(stage: str, out: Path, config: dict, seed: int, device: str, progress: bool, state_file, log):
+    """Train one stage, save its component(s) and record its config in `config`."""
+    preset = config["preset"]
+    if stage == "vae":
+        from minisd.vae import train_vae
+
+        model, result = train_vae(preset, seed=seed, device=device, progress=progress, state_file=state_file)
+        model.save_pretrained(out / "vae")
+        config["stages"]["vae"] = asdict(model.config)
+    elif stage == "clip":
+        from minisd.clip import train_clip
+
+        model, tokenizer, result = train_clip(preset, seed=seed, device=device, progress=progress,
+                                              state_file=state_file)
+        tokenizer.save(out / "tokenizer.json")
+        model.text_encoder.save_pretrained(out / "text_encoder")
+        model.save_pretrained(out / "clip")
+        config["stages"]["clip"] = asdict(model.config)
+    else:
+        from minisd.clip import TextEncoder
+        from minisd.pipeline import cached_latents, train_unet, unet_presets
+        from minisd.tokenizer import Tokenizer
+        from minisd.train import pick_device
+        from minisd.vae import VAE
+
+        vae = VAE.from_pretrained(out / "vae").to(pick_device(device))
+        text_encoder = TextEncoder.from_pretrained(out / "text_encoder")
+        tokenizer = Tokenizer.load(out / "tokenizer.json")
+        begin = time.perf_counter()
+        latents, labels = cached_latents(out / "cache" / "latents.safetensors", out / "vae" / "model.safetensors",
+                                         vae, unet_presets()[preset][2], seed, progress=progress)
+        log(f"unet: {len(latents)} training images as latents {tuple(latents.shape[1:])} "
+            f"in {time.perf_counter() - begin:.0f} s (cached in {out / 'cache'})")
+        model, result = train_unet(preset, vae, text_encoder, tokenizer, latents=latents, labels=labels, seed=seed,
+                                   device=device, progress=progress, state_file=state_file)
+        model.save_pretrained(out / "unet")
+        config["stages"]["unet"] = asdict(model.config)
+    return result
+
+
+# What `minisd eval` measures a whole model with: (sampler, steps), each at guidance 4.
+EVAL_SAMPLERS = (("ddim", 20), ("dpmsolver++", 10))
+EVAL_GUIDANCE = 4.0
+
+
+def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> dict:
     """Evaluate every trained component of run folder `run` on a Shapes split (and the held-out
-    pairs); print the figures and store them in metrics.json under 'eval'."""
+    pairs); print the figures and store them in metrics.json under 'eval'. With a U-Net, the
+    whole model: prompt accuracy and FID read by the judge, for each of `EVAL_SAMPLERS`."""
     from minisd.data import SPLITS
 
     check_choice("split", split, SPLITS)
     run = Path(run)
     if not run.is_dir():
         raise MinisdError(f"run folder {str(run)!r} not found; train one with `minisd train --out {run}`")
-    present = [s for s in STAGES if (run / s / "model.safetensors").exists() or (run / s / "config.json").exists()]
+    present = [s for s in STAGES if (run / s).exists()]  # each stage's component lives in a folder of its name
     if not present:
         raise MinisdError(f"{str(run)!r} has no trained component (looked for {', '.join(s + '/' for s in STAGES)})")
     models = {}  # load everything first: a damaged file fails before minutes of evaluation
@@ -118,21 +209,42 @@ def evaluate_run(run, split: str = "test", log=print) -> dict:
         from minisd.tokenizer import Tokenizer
 
         models["clip"] = (CLIP.from_pretrained(run / "clip"), Tokenizer.load(run / "tokenizer.json"))
+    if "unet" in present:
+        from minisd.metrics import evaluate_pipeline, load_judge
+        from minisd.pipeline import StableDiffusion
+
+        models["unet"] = StableDiffusion.from_pretrained(run)
+        judge, judge_acc = load_judge(progress=progress, log=log)
     figures: dict[str, dict] = {}
     for stage in present:
         for part in dict.fromkeys([split, "heldout"]):
             if stage == "vae":
                 result = evaluate_vae(models["vae"], split=part)
                 lines = format_vae_metrics(result).splitlines()
-            else:
+                figures[f"vae/{part}"] = result
+            elif stage == "clip":
                 result = evaluate_clip(*models["clip"], part)
                 lines = ["  ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())]  # all fractions
-            figures[f"{stage}/{part}"] = result
-            log(f"{stage:4s} {part:8s} {lines[0]}")
+                figures[f"clip/{part}"] = result
+            else:
+                lines = ["judge on real images: " + "  ".join(
+                    f"{k.split('/')[1]} {100 * v:.1f}%" for k, v in judge_acc.items() if k.startswith(part))]
+                for sampler, steps in EVAL_SAMPLERS:
+                    result = evaluate_pipeline(models["unet"], judge, part, sampler, steps, EVAL_GUIDANCE,
+                                               progress=progress)
+                    figures[f"sd/{part}/{sampler}-{steps}"] = result
+                    lines.append(f"{sampler} {steps} steps, guidance {EVAL_GUIDANCE:g}: prompt accuracy "
+                                 + "  ".join(f"{k} {100 * result[k]:.1f}%" for k in
+                                             ("all", "color", "shape", "size", "position"))
+                                 + f"  FID {result['fid']:.2f} (real vs real {result['fid_floor']:.2f})"
+                                 + f"  diversity {result['diversity']:.2f}  [{result['num_images']} images, "
+                                 + f"{result['seconds']:.0f} s]")
+                figures["judge"] = judge_acc
+            name = "sd" if stage == "unet" else stage
+            log(f"{name:4s} {part:8s} {lines[0]}")
             for line in lines[1:]:
                 log(f"{'':14s}{line}")
-    metrics = _read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
     metrics.setdefault("eval", {}).update(figures)
-    _write_json(run / "metrics.json", metrics)
+    write_json(run / "metrics.json", metrics)
     return figures
-

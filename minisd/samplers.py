@@ -77,6 +77,9 @@ class _Sampler:
     def previous_timestep(self, t: int) -> int:
         return t - self.schedule.num_train_timesteps // self.num_inference_steps
 
+    def begin(self, index: int = 0) -> None:
+        """Prepare to visit `timesteps[index:]` (a stateless sampler has nothing to prepare)."""
+
     def _alphas(self, t: int):
         t = int(self.schedule.check_timesteps(torch.as_tensor(t)))
         ac = self.schedule.alphas_cumprod
@@ -186,6 +189,10 @@ class DPMSolverSampler(_Sampler):
         sigmas = np.interp(self.timesteps.numpy(), np.arange(T), all_sigmas)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # σ = 0 at the end
         self._i, self._prev_x0 = 0, None
+
+    def begin(self, index: int = 0) -> None:
+        """Start afresh at `timesteps[index]` (image-to-image starts part-way), with no history."""
+        self._i, self._prev_x0 = index, None
 
     def _alpha_sigma(self, i: int):
         sigma = self.sigmas[i]

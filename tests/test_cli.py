@@ -50,12 +50,9 @@ def test_a_failed_run_leaves_an_existing_file_untouched(tmp_path):
     assert out.read_bytes() == b"precious"
 
 
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    """A run folder with a tiny VAE and CLIP, trained once for the tests below."""
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def clip_run(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_a_run_folder_and_eval_prints_and_stores_figures(clip_run, capsys):
@@ -64,7 +61,7 @@ def test_train_writes_a_run_folder_and_eval_prints_and_stores_figures(clip_run, 
                  "vae/model.safetensors", "vae/config.json"):
         assert (clip_run / name).is_file(), name
     config = json.loads((clip_run / "config.json").read_text())
-    assert config["preset"] == "tiny" and set(config["stages"]) == {"vae", "clip"} and config["seed"] == 0
+    assert config["preset"] == "tiny" and set(config["stages"]) == {"vae", "clip", "unet"} and config["seed"] == 0
     assert config["stages"]["vae"]["scale_factor"] != 1.0  # computed from data after training
     capsys.readouterr()
     assert main(["eval", "--run", str(clip_run)]) == 0

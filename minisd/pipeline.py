@@ -1,0 +1,416 @@
+"""Stable Diffusion, assembled (Rombach et al. 2022): text → latents → image.
+
+    prompt ─tokenizer─▶ ids ─text encoder (chapter 5, frozen)─▶ context (B, L, D)
+    z_T ~ N(0, I) ─[ U-Net (chapters 3–4) twice: with the prompt and with "" → guided ε̂ → sampler step
+                   (chapter 2) ] × N steps ─▶ z_0 ─VAE decoder (chapter 6)─▶ image
+
+Classifier-free guidance (Ho & Salimans 2022): one network learns both p(z | text) and p(z) by
+seeing the empty caption 10% of the time in training; sampling pushes away from the
+unconditional prediction,
+
+    ε̂ = ε̂(z_t, "") + w · (ε̂(z_t, text) − ε̂(z_t, "")),
+
+so w = 1 is the plain conditional model, w = 0 the unconditional one, and w > 1 trades
+diversity for fidelity to the prompt.
+
+Training the U-Net (`train_unet`): every training image is encoded to latents once (cached), the
+text tower stays frozen, and the U-Net learns ε on the latents with fresh (paraphrased,
+sometimes dropped) captions each step; its exponential moving average is what samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minisd.diffusion import NoiseSchedule
+from minisd.errors import MinisdError, check_choice
+from minisd.unet import UNet, UNetConfig
+
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012}  # Stable Diffusion's
+UNCOND_PROBABILITY = 0.1  # how often a training caption is replaced by "" (for guidance)
+
+
+# --- the U-Net stage -------------------------------------------------------------------------
+
+def unet_presets():
+    """preset → (UNetConfig without the widths that come from the VAE and text encoder,
+    TrainConfig, number of training images)."""
+    from minisd.train import TrainConfig
+
+    return {
+        "tiny": (UNetConfig(base_channels=16, channel_mults=(1, 2), blocks_per_level=1, attention_levels=(1,),
+                            heads=2, fused_attention=True),
+                 TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=0.99,
+                             desc="U-Net (tiny)"), 512),
+        "cpu": (UNetConfig(base_channels=32, channel_mults=(1, 2), blocks_per_level=1, attention_levels=(0, 1),
+                           heads=4, fused_attention=True),
+                TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup_steps=100, ema_decay=0.999,
+                            desc="U-Net (cpu)"), 20_000),
+        "gpu": (UNetConfig(base_channels=128, channel_mults=(1, 2), blocks_per_level=2, attention_levels=(0, 1),
+                           heads=8, fused_attention=True),
+                TrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup_steps=200, ema_decay=0.9995,
+                            desc="U-Net (gpu)"), 50_000),
+    }
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes: what a cache is keyed on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_dataset(vae, images: torch.Tensor, seed: int = 0, batch_size: int = 500,
+                   progress: bool = False) -> torch.Tensor:
+    """uint8 images (N, C, S, S) → scaled latents (N, c, h, w): one posterior sample each, drawn
+    with a generator seeded per batch, so the same images give the same latents."""
+    from minisd.data import normalize
+
+    device = next(vae.parameters()).device
+    out = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress, leave=False):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + lo)
+        z = vae.encode_latents(normalize(images[lo: lo + batch_size]).to(device), generator=g)
+        out.append(z.cpu())
+    return torch.cat(out)
+
+
+def cached_latents(cache_file, vae_file, vae, num_images: int, seed: int = 0,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, labels) of `num_images` Shapes training images, encoded by `vae` and cached in
+    `cache_file`, keyed on the VAE weights' digest: a retrained VAE re-encodes."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    from minisd.checkpoint import atomic_write
+    from minisd.data import Shapes
+
+    key = {"vae_sha256": file_digest(vae_file), "num_images": str(num_images), "seed": str(seed)}
+    cache_file = Path(cache_file)
+    if cache_file.is_file():
+        try:
+            with safe_open(str(cache_file), framework="pt") as f:
+                if f.metadata() == key:
+                    return f.get_tensor("latents"), f.get_tensor("labels")
+        except (SafetensorError, OSError):
+            pass  # a damaged cache is simply rebuilt
+    ds = Shapes("train", num_images, seed=seed)
+    latents = encode_dataset(vae, ds.images, seed, progress=progress)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache_file, lambda tmp: save_file({"latents": latents.contiguous(), "labels": ds.labels}, tmp,
+                                                   metadata=key))
+    return latents, ds.labels
+
+
+def unet_loss_fn(text_encoder, tokenizer, schedule: NoiseSchedule, paraphrase: float = 0.5, drop: float = 0.1,
+                 uncond_probability: float = UNCOND_PROBABILITY):
+    """loss_fn(unet, (latents, labels), generator) for `minisd.train.train`: captions for the
+    batch (paraphrased, an attribute sometimes left out, the whole caption replaced by "" with
+    `uncond_probability`), the frozen text tower's token states as context, and the ε loss."""
+    from minisd.data import describe
+    from minisd.diffusion import diffusion_loss
+
+    def loss_fn(unet, batch, generator):
+        z0, labels = batch
+        captions, _ = describe(labels.cpu(), generator, paraphrase=paraphrase, drop=drop)
+        unconditional = (torch.rand(len(captions), generator=generator) < uncond_probability).tolist()
+        captions = ["" if u else c for c, u in zip(captions, unconditional)]
+        context, mask = encode_prompts(text_encoder, tokenizer, captions, z0.device)
+        return diffusion_loss(unet, schedule, z0, generator=generator, context=context, context_mask=mask)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None):
+    """Prompts → (context (B, L, D), mask (B, L)): the text tower's state for every token."""
+    ids, mask = tokenizer(prompts)
+    device = device or next(text_encoder.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    return text_encoder(ids, mask).last_hidden_state, mask
+
+
+def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None, steps: int | None = None, seed: int = 0,
+               device: str = "auto", progress: bool = True, state_file=None,
+               config: UNetConfig | None = None):
+    """Train the conditional latent U-Net of `preset` against a frozen text tower.
+
+    latents, labels: the scaled training latents (N, c, h, w) and their Shapes labels (N, 4); by
+    default the preset's number of training images, encoded here (see `cached_latents` for a
+    cached version). The U-Net's input channels and context width are taken from the VAE and
+    the text encoder. Returns (U-Net to sample with = the EMA weights, TrainResult).
+    """
+    from minisd.data import Shapes
+    from minisd.train import PRESETS, pick_device, train
+
+    check_choice("preset", preset, PRESETS)
+    unet_config, train_config, num_images = unet_presets()[preset]
+    latent_channels = vae.config.latent_channels
+    unet_config = dataclasses.replace(config or unet_config, in_channels=latent_channels,
+                                      out_channels=latent_channels, context_dim=text_encoder.config.width)
+    train_config = dataclasses.replace(train_config, seed=seed, device=device, progress=progress,
+                                       **({} if steps is None else {"steps": steps}))
+    if latents is None:
+        ds = Shapes("train", num_images, seed=seed)
+        latents, labels = encode_dataset(vae, ds.images, seed), ds.labels
+    if labels is None or len(labels) != len(latents):
+        raise MinisdError("train_unet needs one label row per latent")
+    text_encoder = text_encoder.to(pick_device(device)).eval().requires_grad_(False)
+    torch.manual_seed(seed)  # the initial weights
+    unet = UNet(unet_config)
+    loss_fn = unet_loss_fn(text_encoder, tokenizer, NoiseSchedule(**SCHEDULE))
+    result = train(unet, loss_fn, (latents, labels), train_config, state_file=state_file)
+    return result.ema.eval(), result
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++")
+
+
+@dataclass
+class StepInfo:
+    """What a sampling callback sees after each step."""
+    step: int  # 0 … num_inference_steps − 1
+    t: int  # the timestep this step started from
+    latents: torch.Tensor  # z_t, the latents the step started from (N, c, h, w)
+    pred_original: torch.Tensor  # the model's guess of the clean latents z_0 at this step
+    noise_pred: torch.Tensor  # the guided ε̂
+    next_latents: torch.Tensor  # the latents after the step
+
+
+@dataclass
+class SDOutput:
+    images: torch.Tensor  # (N, 3, H, W) floats in [0, 1]
+    latents: torch.Tensor  # (N, c, h, w) the final latents
+    prompts: list[str]  # one per image
+
+
+def check_guidance(w) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise MinisdError(f"guidance scale {w!r} is not allowed; use a finite number ≥ 0 "
+                          "(0: unconditional, 1: no guidance, 2–8: typical)")
+    return float(w)
+
+
+def check_count(name: str, n, low: int = 1, high: int | None = None) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < low or (high is not None and n > high):
+        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer ≥ {low}"
+        raise MinisdError(f"{name} {n!r} is not allowed; use {allowed}")
+    return n
+
+
+class StableDiffusion:
+    """The assembled text-to-image model: VAE + frozen CLIP text tower + conditional U-Net.
+
+        sd = StableDiffusion.from_pretrained("runs/cpu")
+        res = sd("a small red circle in the top left", num_images=4, guidance_scale=4.0, seed=0)
+        res.images   # (4, 3, 32, 32) in [0, 1]
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, unet: UNet, schedule: NoiseSchedule | None = None,
+                 image_size: int = 32):
+        c = unet.config
+        if c.in_channels != vae.config.latent_channels or c.out_channels != vae.config.latent_channels:
+            raise MinisdError(f"the U-Net takes {c.in_channels} channels but the VAE's latents have "
+                              f"{vae.config.latent_channels}; the components come from different models")
+        if c.context_dim != text_encoder.config.width:
+            raise MinisdError(f"the U-Net's cross attention expects context width {c.context_dim} but the text "
+                              f"encoder gives {text_encoder.config.width}; the components come from different models")
+        if tokenizer.max_length != text_encoder.config.max_length or len(tokenizer) > text_encoder.config.vocab_size:
+            raise MinisdError(f"the tokenizer ({len(tokenizer)} words, max_length {tokenizer.max_length}) does not fit "
+                              f"the text encoder (vocab_size {text_encoder.config.vocab_size}, max_length "
+                              f"{text_encoder.config.max_length})")
+        if image_size % (vae.config.downsampling_factor * c.downsampling_factor):
+            raise MinisdError(f"image size {image_size} does not fit the VAE and U-Net down-sampling")
+        self.vae, self.text_encoder, self.tokenizer, self.unet = vae.eval(), text_encoder.eval(), tokenizer, unet.eval()
+        self.schedule = schedule or NoiseSchedule(**SCHEDULE)
+        self.image_size = image_size
+
+    # --- loading and saving ---
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu") -> StableDiffusion:
+        """Load a run folder written by `minisd train` (or by `save_pretrained`)."""
+        from minisd.clip import TextEncoder
+        from minisd.tokenizer import Tokenizer
+        from minisd.train import pick_device
+        from minisd.vae import VAE
+
+        path = Path(path)
+        if not path.is_dir():
+            raise MinisdError(f"run folder {str(path)!r} not found; train one with `minisd train --out {path}`")
+        missing = [p for p in ("config.json", "tokenizer.json", "vae", "text_encoder", "unet")
+                   if not (path / p).exists()]
+        if missing:
+            raise MinisdError(f"run folder {str(path)!r} is incomplete (no {', '.join(missing)}); finish it with "
+                              f"`minisd train --out {path} --resume`")
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            pipe = config["pipeline"]
+            schedule = NoiseSchedule(**pipe["schedule"])
+            image_size = int(pipe["image_size"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise MinisdError(f"{path / 'config.json'} is not a minisd run config ({e})") from None
+        sd = cls(VAE.from_pretrained(path / "vae"), TextEncoder.from_pretrained(path / "text_encoder"),
+                 Tokenizer.load(path / "tokenizer.json"), UNet.from_pretrained(path / "unet"), schedule, image_size)
+        return sd.to(pick_device(device))
+
+    def pipeline_config(self) -> dict:
+        return {"schedule": self.schedule.config(), "image_size": self.image_size, "prediction_type": "epsilon"}
+
+    def save_pretrained(self, path) -> None:
+        """Write the model as a run folder (config.json, tokenizer.json, vae/, text_encoder/, unet/)."""
+        from minisd.runs import write_json
+
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise MinisdError(f"{str(path)!r} is a file, not a folder")
+        if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+            raise MinisdError(f"{str(path)!r} exists and is not a minisd run folder; choose an empty or new folder")
+        if not path.parent.exists():
+            raise MinisdError(f"folder {str(path.parent)!r} does not exist; create it first")
+        path.mkdir(exist_ok=True)
+        self.vae.save_pretrained(path / "vae")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.unet.save_pretrained(path / "unet")
+        self.tokenizer.save(path / "tokenizer.json")
+        write_json(path / "config.json", {"pipeline": self.pipeline_config(),
+                                          "stages": {"vae": asdict(self.vae.config),
+                                                     "unet": asdict(self.unet.config)}})
+
+    def to(self, device) -> StableDiffusion:
+        for m in (self.vae, self.text_encoder, self.unet):
+            m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.vae.latent_shape(self.image_size)
+
+    # --- the parts of a sampling run ---
+    def encode_prompt(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        from minisd.clip import check_prompts
+
+        return encode_prompts(self.text_encoder, self.tokenizer, check_prompts(prompts), self.device)
+
+    @torch.no_grad()
+    def predict_noise(self, latents, t: int, context, mask, uncond_context, uncond_mask, guidance_scale: float):
+        """The guided ε̂ at timestep t: ε̂_u + w (ε̂_c − ε̂_u). One U-Net call on the doubled batch;
+        w = 1 needs only the conditional half and w = 0 only the unconditional one."""
+        n = len(latents)
+        tt = torch.full((n,), t, dtype=torch.long, device=latents.device)
+        if guidance_scale == 1.0:
+            return self.unet(latents, tt, context, mask)
+        if guidance_scale == 0.0:
+            return self.unet(latents, tt, uncond_context, uncond_mask)
+        eps = self.unet(torch.cat([latents, latents]), torch.cat([tt, tt]), torch.cat([context, uncond_context]),
+                        torch.cat([mask, uncond_mask]))
+        cond, uncond = eps.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images (N, 3, H, W) in [0, 1]."""
+        from minisd.data import denormalize
+
+        return denormalize(self.vae.decode_latents(latents.to(self.device)))
+
+    def make_sampler(self, sampler: str, num_inference_steps: int):
+        from minisd.samplers import make_sampler
+
+        check_choice("sampler", sampler, SAMPLER_NAMES)
+        T = self.schedule.num_train_timesteps
+        check_count("num_inference_steps", num_inference_steps, 1, T - 1 if sampler == "dpmsolver++" else T)
+        return make_sampler(sampler, self.schedule, num_inference_steps=num_inference_steps)
+
+    def _prepare(self, prompts, num_images, guidance_scale, num_inference_steps, sampler):
+        from minisd.clip import check_prompts
+
+        prompts = check_prompts(prompts)
+        check_count("num_images", num_images, 1)
+        guidance_scale = check_guidance(guidance_scale)
+        s = self.make_sampler(sampler, num_inference_steps)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        context, mask = self.encode_prompt(prompts)
+        uncond, uncond_mask = self.encode_prompt([""] * len(prompts))
+        return prompts, guidance_scale, s, (context, mask, uncond, uncond_mask)
+
+    @torch.no_grad()
+    def _denoise(self, latents, sampler, start: int, texts, guidance_scale, generator, callback, progress):
+        timesteps = sampler.timesteps.tolist()[start:]
+        sampler.begin(start)
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start):
+            eps = self.predict_noise(latents, t, *texts, guidance_scale)
+            out = sampler.step(eps, t, latents, generator=generator)
+            if callback is not None:
+                callback(StepInfo(i, t, latents, out.pred_original_sample, eps, out.prev_sample))
+            latents = out.prev_sample
+        return latents
+
+    def __call__(self, prompts, num_images: int = 1, num_inference_steps: int = 50, guidance_scale: float = 4.0,
+                 sampler: str = "ddim", seed: int = 0, callback: Callable[[StepInfo], None] | None = None,
+                 latents: torch.Tensor | None = None, progress: bool = False) -> SDOutput:
+        """Generate `num_images` images for each prompt (a string or a list of strings).
+
+        seed: the starting noise (and DDPM's per-step noise) comes from a CPU generator with this
+        seed, so the same call gives the same images. latents: start from these instead.
+        callback(StepInfo) runs after every step.
+        """
+        prompts, guidance_scale, s, texts = self._prepare(prompts, num_images, guidance_scale,
+                                                          num_inference_steps, sampler)
+        generator = torch.Generator().manual_seed(int(seed))
+        shape = (len(prompts), *self.latent_shape)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator)
+        elif tuple(latents.shape) != shape:
+            raise MinisdError(f"latents of shape {tuple(latents.shape)} given; this model needs {shape}")
+        z = self._denoise(latents.to(self.device), s, 0, texts, guidance_scale, generator, callback, progress)
+        return SDOutput(self.decode(z), z, prompts)
+
+    def img2img(self, image: torch.Tensor, prompts, strength: float = 0.6, num_inference_steps: int = 50,
+                guidance_scale: float = 4.0, sampler: str = "ddim", seed: int = 0,
+                callback: Callable[[StepInfo], None] | None = None, progress: bool = False) -> SDOutput:
+        """SDEdit (Meng et al. 2022): noise the image's latents to the timestep `strength` of the way
+        to pure noise, then denoise with the prompt. strength 0 keeps the image, 1 ignores it.
+        image: (3, H, W) or (N, 3, H, W), uint8 or floats in [0, 1]; one output per image and prompt."""
+        from minisd.data import normalize
+
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise MinisdError(f"strength {strength!r} is not allowed; use a number in (0, 1]")
+        if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+            raise MinisdError("image must be a tensor (3, H, W) or (N, 3, H, W)")
+        image = image[None] if image.ndim == 3 else image
+        if tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
+            raise MinisdError(f"image of shape {tuple(image.shape[1:])}; this model makes "
+                              f"(3, {self.image_size}, {self.image_size})")
+        prompts, guidance_scale, s, _ = self._prepare(prompts, 1, guidance_scale, num_inference_steps, sampler)
+        base = [p for p in prompts for _ in range(len(image))]
+        texts = (*self.encode_prompt(base), *self.encode_prompt([""] * len(base)))
+        with torch.no_grad():
+            z0 = self.vae.encode_latents(normalize(image).to(self.device), sample=False)
+        z0 = z0.repeat(len(prompts), 1, 1, 1)
+        start = len(s.timesteps) - max(1, round(strength * len(s.timesteps)))
+        t0 = int(s.timesteps[start])
+        generator = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        z = self.schedule.add_noise(z0, noise, torch.full((len(z0),), t0, dtype=torch.long))
+        z = self._denoise(z, s, start, texts, guidance_scale, generator, callback, progress)
+        return SDOutput(self.decode(z), z, base)

@@ -1,0 +1,14 @@
+"""Fixtures shared by several test files."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A complete run folder (VAE, CLIP, U-Net) of the `tiny` preset, trained once per session
+    through the command, exactly as a user would. Tests that change it must copy it first."""
+    from minisd.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
+    return out
