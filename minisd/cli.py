@@ -79,8 +79,7 @@ def cmd_sample(args) -> None:
     sd = StableDiffusion.from_pretrained(args.run, device=args.device)
     res = sd(args.prompt, num_images=args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
              sampler=args.sampler, seed=args.seed, progress=True)
-    titles = [f"{p}\n(seed {args.seed}, #{i % args.n})" if len(args.prompt) > 1 or args.n == 1 else f"#{i}"
-              for i, p in enumerate(res.prompts)]
+    titles = [p if i % args.n == 0 and len(args.prompt) > 1 else f"#{i % args.n}" for i, p in enumerate(res.prompts)]
     suptitle = (f"{args.prompt[0]!r}" if len(args.prompt) == 1 else f"{len(args.prompt)} prompts") + \
         f" — {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, seed {args.seed}"
     fig = show_images(res.images, titles, ncols=min(8, args.n) if len(args.prompt) == 1 else args.n,

@@ -287,15 +287,20 @@ def evaluate_pipeline(sd, judge: Judge, split: str = "test", sampler: str = "ddi
     the judge reads as asked; 'fid' between the judge's features of the samples and of as many
     real images of the split; 'fid_floor', the same between two disjoint sets of real images (what
     a perfect model would get at this sample count); and 'diversity', the mean distance between
-    the judge features of two samples of the same prompt, divided by the real images' own.
+    the judge features of samples of the same prompt from their mean, divided by the real images'
+    own (NaN with per_prompt=1).
     """
     import time
 
     from minisd.data import ATTRIBUTES, Shapes, captions_for
 
     begin = time.perf_counter()
+    from minisd.pipeline import check_count
+
     labels = prompt_labels(split)
-    per_prompt = per_prompt or (10 if split == "heldout" else 4)
+    if per_prompt is None:
+        per_prompt = 10 if split == "heldout" else 4
+    check_count("per_prompt", per_prompt)
     labels = labels.repeat_interleave(per_prompt, 0)
     captions = captions_for(labels)
     images = []
@@ -317,7 +322,7 @@ def evaluate_pipeline(sd, judge: Judge, split: str = "test", sampler: str = "ddi
     same = feats.reshape(-1, per_prompt, feats.shape[1])
     spread = (same - same.mean(1, keepdim=True)).norm(dim=2).mean().item()
     real_spread = _within_prompt_spread(feats_a, real_a.labels)
-    out["diversity"] = spread / real_spread if real_spread > 0 else float("nan")
+    out["diversity"] = spread / real_spread if real_spread > 0 and per_prompt > 1 else float("nan")  # undefined for 1
     out["num_images"] = n
     out["seconds"] = time.perf_counter() - begin
     return out

@@ -146,13 +146,14 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None):
 def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tensor | None = None,
                labels: torch.Tensor | None = None, steps: int | None = None, seed: int = 0,
                device: str = "auto", progress: bool = True, state_file=None,
-               config: UNetConfig | None = None):
+               config: UNetConfig | None = None, uncond_probability: float = UNCOND_PROBABILITY):
     """Train the conditional latent U-Net of `preset` against a frozen text tower.
 
     latents, labels: the scaled training latents (N, c, h, w) and their Shapes labels (N, 4); by
     default the preset's number of training images, encoded here (see `cached_latents` for a
     cached version). The U-Net's input channels and context width are taken from the VAE and
-    the text encoder. Returns (U-Net to sample with = the EMA weights, TrainResult).
+    the text encoder. uncond_probability: how often a caption is emptied (0 ablates guidance).
+    Returns (U-Net to sample with = the EMA weights, TrainResult).
     """
     from minisd.data import Shapes
     from minisd.train import PRESETS, pick_device, train
@@ -172,7 +173,7 @@ def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tens
     text_encoder = text_encoder.to(pick_device(device)).eval().requires_grad_(False)
     torch.manual_seed(seed)  # the initial weights
     unet = UNet(unet_config)
-    loss_fn = unet_loss_fn(text_encoder, tokenizer, NoiseSchedule(**SCHEDULE))
+    loss_fn = unet_loss_fn(text_encoder, tokenizer, NoiseSchedule(**SCHEDULE), uncond_probability=uncond_probability)
     result = train(unet, loss_fn, (latents, labels), train_config, state_file=state_file)
     return result.ema.eval(), result
 
@@ -327,6 +328,14 @@ class StableDiffusion:
         return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        """Images (N, 3, H, W), uint8 or floats in [0, 1] → scaled latents (N, c, h, w): the
+        posterior mean (or, with `sample`, a draw), times the VAE's scale factor."""
+        from minisd.data import normalize
+
+        return self.vae.encode_latents(normalize(images).to(self.device), generator=generator, sample=sample)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images (N, 3, H, W) in [0, 1]."""
         from minisd.data import denormalize
@@ -391,7 +400,6 @@ class StableDiffusion:
         """SDEdit (Meng et al. 2022): noise the image's latents to the timestep `strength` of the way
         to pure noise, then denoise with the prompt. strength 0 keeps the image, 1 ignores it.
         image: (3, H, W) or (N, 3, H, W), uint8 or floats in [0, 1]; one output per image and prompt."""
-        from minisd.data import normalize
 
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise MinisdError(f"strength {strength!r} is not allowed; use a number in (0, 1]")
@@ -404,9 +412,7 @@ class StableDiffusion:
         prompts, guidance_scale, s, _ = self._prepare(prompts, 1, guidance_scale, num_inference_steps, sampler)
         base = [p for p in prompts for _ in range(len(image))]
         texts = (*self.encode_prompt(base), *self.encode_prompt([""] * len(base)))
-        with torch.no_grad():
-            z0 = self.vae.encode_latents(normalize(image).to(self.device), sample=False)
-        z0 = z0.repeat(len(prompts), 1, 1, 1)
+        z0 = self.encode(image).repeat(len(prompts), 1, 1, 1)
         start = len(s.timesteps) - max(1, round(strength * len(s.timesteps)))
         t0 = int(s.timesteps[start])
         generator = torch.Generator().manual_seed(int(seed))

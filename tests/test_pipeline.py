@@ -389,3 +389,16 @@ def test_unet_training_loss_is_the_epsilon_objective_on_the_frozen_text_tower(sd
         context, mask = encode_prompts(sd.text_encoder, sd.tokenizer, captions)
     expected = diffusion_loss(sd.unet, sd.schedule, z0, generator=g, context=context, context_mask=mask)
     assert torch.equal(loss, expected)
+
+
+def test_sample_from_a_truncated_unet_is_a_clear_error_and_damages_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "unet" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["sample", "--run", str(run), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unet/model.safetensors could not be read" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "grid.png").exists()
