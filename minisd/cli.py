@@ -4,6 +4,7 @@
     minisd train  --preset cpu --out runs/cpu [--stages …] [--resume]   train the model into a run folder
     minisd sample --run runs/cpu --prompt "…" --out grid.png           a captioned grid of samples
     minisd eval   --run runs/cpu                  print (and store) each component's figures
+    minisd export --run runs/cpu --out DIR        the sampling parts, weights in float16, to ship
 
 A user mistake prints one line `error: …` and exits with status 2; nothing on disk is touched.
 """
@@ -98,6 +99,14 @@ def cmd_eval(args) -> None:
     print(f"figures stored in {Path(args.run) / 'metrics.json'}")
 
 
+def cmd_export(args) -> None:
+    from minisd.runs import export_run
+
+    export_run(args.run, args.out, args.dtype)
+    print(f"load it with StableDiffusion.from_pretrained({str(args.out)!r}); measure it with "
+          f"`minisd eval --run {args.out}`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="minisd", description="A small Stable Diffusion, built from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -138,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser("export", help="copy a run's sampling parts into a new folder, weights in float16")
+    x.add_argument("--run", required=True, help="run folder written by `minisd train`")
+    x.add_argument("--out", required=True, help="new folder to write")
+    x.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="measure the trained components of a run folder")
     e.add_argument("--run", required=True, help="run folder written by `minisd train`")

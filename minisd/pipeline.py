@@ -181,6 +181,8 @@ def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tens
 # --- the pipeline ----------------------------------------------------------------------------
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++")
+# Models shipped with the course, loadable by name (see minisd/pretrained/README.md).
+PRETRAINED = {"shapes-cpu": Path(__file__).resolve().parent / "pretrained" / "shapes-cpu"}
 
 
 @dataclass
@@ -245,15 +247,19 @@ class StableDiffusion:
     # --- loading and saving ---
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu") -> StableDiffusion:
-        """Load a run folder written by `minisd train` (or by `save_pretrained`)."""
+        """Load a run folder written by `minisd train` (or by `save_pretrained`), or a model shipped
+        with the course by its name: 'shapes-cpu' (the `cpu` preset, see `PRETRAINED`)."""
         from minisd.clip import TextEncoder
         from minisd.tokenizer import Tokenizer
         from minisd.train import pick_device
         from minisd.vae import VAE
 
+        if isinstance(path, str) and path in PRETRAINED and not Path(path).exists():
+            path = PRETRAINED[path]
         path = Path(path)
         if not path.is_dir():
-            raise MinisdError(f"run folder {str(path)!r} not found; train one with `minisd train --out {path}`")
+            raise MinisdError(f"run folder {str(path)!r} not found; train one with `minisd train --out {path}`, "
+                              f"or load a shipped model: {', '.join(map(repr, PRETRAINED))}")
         missing = [p for p in ("config.json", "tokenizer.json", "vae", "text_encoder", "unet")
                    if not (path / p).exists()]
         if missing:

@@ -57,8 +57,9 @@ def _check_run_folder(out: Path, preset: str | None, resume: bool) -> dict:
         raise MinisdError(f"no saved state in {str(out)!r} to resume; start the run without --resume")
     if out.is_dir() and any(out.iterdir()):
         raise MinisdError(f"{str(out)!r} exists and is not a minisd run folder; choose an empty or new folder")
-    if not out.parent.exists():
-        raise MinisdError(f"folder {str(out.parent)!r} for --out does not exist; create it first")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise MinisdError(f"cannot make run folder {str(out)!r}: {str(blocking)!r} is a file")
     return {"preset": preset or "cpu", "dataset": "shapes", "stages": {}}
 
 
@@ -108,7 +109,7 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
     if resume:
         seed = config.get("seed", seed)
     todo = _plan(config, out, stages, resume)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # runs/NAME: the runs/ folder is made too
     config.update(seed=seed, pipeline={"schedule": SCHEDULE, "image_size": 32, "prediction_type": "epsilon"},
                   versions={"minisd": minisd.__version__, "torch": torch.__version__,
                             "python": platform.python_version()})
@@ -248,3 +249,36 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> 
     metrics.setdefault("eval", {}).update(figures)
     write_json(run / "metrics.json", metrics)
     return figures
+
+
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def export_run(run, out, dtype: str = "float16", log=print) -> Path:
+    """Write what sampling needs from run folder `run` — config.json, tokenizer.json, metrics.json,
+    vae/, text_encoder/, unet/ — into a new folder `out`, with the weights stored as `dtype`
+    (loading casts them back to float32). This is how a trained model is shipped: float16 halves
+    the files and changes the sampled images by less than the eye can see."""
+    from minisd.pipeline import StableDiffusion
+
+    check_choice("dtype", dtype, EXPORT_DTYPES)
+    run, out = Path(run), Path(out)
+    sd = StableDiffusion.from_pretrained(run)  # checks the run is complete and consistent
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinisdError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
+    if not out.parent.exists():
+        raise MinisdError(f"folder {str(out.parent)!r} for --out does not exist; create it first")
+    out.mkdir(exist_ok=True)
+    cast = getattr(torch, dtype)
+    for name in ("vae", "text_encoder", "unet"):
+        getattr(sd, name).to(cast).save_pretrained(out / name)
+    sd.tokenizer.save(out / "tokenizer.json")
+    config = read_json(run / "config.json")
+    config["exported"] = {"from": str(run), "dtype": dtype}
+    write_json(out / "config.json", config)
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    metrics.pop("eval", None)  # figures belong to the weights they were measured on: evaluate the export
+    write_json(out / "metrics.json", metrics)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"exported {run} to {out} ({dtype} weights, {size / 1e6:.1f} MB)")
+    return out

@@ -9,6 +9,6 @@ def tiny_run(tmp_path_factory):
     through the command, exactly as a user would. Tests that change it must copy it first."""
     from minisd.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
+    out = tmp_path_factory.mktemp("runs") / "nested" / "tiny"  # train makes the missing parent too
     assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
     return out

@@ -82,7 +82,6 @@ def test_train_writes_a_run_folder_and_eval_prints_and_stores_figures(clip_run, 
 @pytest.mark.parametrize("args,message", [
     (["train", "--preset", "huge", "--out", "OUT/run"], "error: unknown preset 'huge'; allowed: 'tiny', 'cpu', 'gpu'"),
     (["train", "--preset", "tiny", "--stages", "unet2", "--out", "OUT/run"], "error: unknown stage 'unet2'; allowed:"),
-    (["train", "--preset", "tiny", "--out", "OUT/missing/run"], "error: folder"),
     (["eval", "--run", "OUT/nothing"], "error: run folder"),
     (["eval", "--run", "OUT"], "error: " + repr("OUT") + " has no trained component"),
 ])
@@ -93,6 +92,14 @@ def test_train_and_eval_reject_bad_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_train_cannot_make_a_run_folder_under_a_file(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("mine")
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "file.txt" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot make run folder") and "file.txt' is a file" in err and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"] and (tmp_path / "file.txt").read_text() == "mine"
 
 
 def test_train_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
