@@ -109,6 +109,8 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
     if resume:
         seed = config.get("seed", seed)
     todo = _plan(config, out, stages, resume)
+    for stage in todo:  # not finished until trained again: an interruption now leaves them to --resume
+        config["stages"].pop(stage, None)
     out.mkdir(parents=True, exist_ok=True)  # runs/NAME: the runs/ folder is made too
     config.update(seed=seed, pipeline={"schedule": SCHEDULE, "image_size": 32, "prediction_type": "epsilon"},
                   versions={"minisd": minisd.__version__, "torch": torch.__version__,

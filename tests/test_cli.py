@@ -66,7 +66,11 @@ def test_train_writes_a_run_folder_and_eval_prints_and_stores_figures(clip_run, 
     capsys.readouterr()
     assert main(["eval", "--run", str(clip_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("vae ")):]  # after "training the judge"
     assert lines[0].startswith("vae  test     reconstruction:") and "dB PSNR" in lines[0]
+    sd_lines = [line for line in lines if line.startswith("sd ")]
+    assert sd_lines[0].startswith("sd   test     judge on real images:") and sd_lines[1].startswith("sd   heldout")
+    assert sum("prompt accuracy all" in line for line in lines) == 4  # two samplers × two prompt sets
     clip_lines = [line for line in lines if line.startswith("clip")]
     assert clip_lines[0].startswith("clip test") and "zero_shot_color" in clip_lines[0]
     assert clip_lines[1].startswith("clip heldout")

@@ -402,3 +402,22 @@ def test_sample_from_a_truncated_unet_is_a_clear_error_and_damages_nothing(tiny_
     assert err.startswith("error: ") and "unet/model.safetensors could not be read" in err and err.count("\n") == 1
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_stage_being_retrained_counts_as_unfinished_until_it_is_done(tiny_run, tmp_path, monkeypatch):
+    """Interrupted while retraining the U-Net, a run must not claim its old U-Net is current:
+    --resume has to train it (never pair, say, a new VAE with a U-Net trained on the old one)."""
+    import minisd.runs
+    from minisd.runs import _plan, train_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(minisd.runs, "_train_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, "tiny", stages=["unet"], progress=False, log=lambda *a: None)
+    config = json.loads((run / "config.json").read_text())
+    assert set(config["stages"]) == {"vae", "clip"}
+    assert _plan(config, run, ("vae", "clip", "unet"), resume=True) == ["unet"]
