@@ -64,7 +64,8 @@ def cmd_sample(args) -> None:
     import os
     import tempfile
 
-    from minisd.pipeline import StableDiffusion, check_count, check_guidance
+    from minisd.errors import check_count
+    from minisd.pipeline import StableDiffusion, check_guidance
     from minisd.viz import save_figure, show_images
 
     out = _output_path(args.out)

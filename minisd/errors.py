@@ -19,3 +19,11 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
     if value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)
         raise MinisdError(f"unknown {name} {value!r}; allowed: {shown}")
+
+
+def check_count(name: str, n, low: int = 1, high: int | None = None) -> int:
+    """Return `n` if it is an integer in [low, high]; else raise `MinisdError` naming it and the range."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < low or (high is not None and n > high):
+        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer ≥ {low}"
+        raise MinisdError(f"{name} {n!r} is not allowed; use {allowed}")
+    return n

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,8 +149,9 @@ class Judge(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, feature_dim): what FID compares."""
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        return self.body(x * 2 - 1)
+        from minisd.data import normalize
+
+        return self.body(normalize(images))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         h = self.features(images)
@@ -290,13 +292,10 @@ def evaluate_pipeline(sd, judge: Judge, split: str = "test", sampler: str = "ddi
     the judge features of samples of the same prompt from their mean, divided by the real images'
     own (NaN with per_prompt=1).
     """
-    import time
-
     from minisd.data import ATTRIBUTES, Shapes, captions_for
+    from minisd.errors import check_count
 
     begin = time.perf_counter()
-    from minisd.pipeline import check_count
-
     labels = prompt_labels(split)
     if per_prompt is None:
         per_prompt = 10 if split == "heldout" else 4
@@ -330,10 +329,10 @@ def evaluate_pipeline(sd, judge: Judge, split: str = "test", sampler: str = "ddi
 
 def _within_prompt_spread(feats: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean distance of features from their caption's mean, over real images."""
-    keys = (labels * torch.tensor([1000, 100, 10, 1])).sum(1)
+    _, group = labels.unique(dim=0, return_inverse=True)  # one group per caption
     total, count = 0.0, 0
-    for k in keys.unique():
-        f = feats[keys == k]
+    for k in group.unique():
+        f = feats[group == k]
         if len(f) > 1:
             total += (f - f.mean(0)).norm(dim=1).sum().item()
             count += len(f)

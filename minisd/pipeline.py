@@ -32,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minisd.diffusion import NoiseSchedule
-from minisd.errors import MinisdError, check_choice
+from minisd.errors import MinisdError, check_choice, check_count
+from minisd.samplers import SAMPLERS
 from minisd.unet import UNet, UNetConfig
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -180,7 +181,7 @@ def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tens
 
 # --- the pipeline ----------------------------------------------------------------------------
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++")
+SAMPLER_NAMES = tuple(SAMPLERS)  # ddpm, ddim, dpmsolver++
 # Models shipped with the course, loadable by name (see minisd/pretrained/README.md).
 PRETRAINED = {"shapes-cpu": Path(__file__).resolve().parent / "pretrained" / "shapes-cpu"}
 
@@ -208,13 +209,6 @@ def check_guidance(w) -> float:
         raise MinisdError(f"guidance scale {w!r} is not allowed; use a finite number ≥ 0 "
                           "(0: unconditional, 1: no guidance, 2–8: typical)")
     return float(w)
-
-
-def check_count(name: str, n, low: int = 1, high: int | None = None) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < low or (high is not None and n > high):
-        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer ≥ {low}"
-        raise MinisdError(f"{name} {n!r} is not allowed; use {allowed}")
-    return n
 
 
 class StableDiffusion:
@@ -349,11 +343,9 @@ class StableDiffusion:
         return denormalize(self.vae.decode_latents(latents.to(self.device)))
 
     def make_sampler(self, sampler: str, num_inference_steps: int):
+        """A sampler by name on this model's schedule; it checks the name and the step count."""
         from minisd.samplers import make_sampler
 
-        check_choice("sampler", sampler, SAMPLER_NAMES)
-        T = self.schedule.num_train_timesteps
-        check_count("num_inference_steps", num_inference_steps, 1, T - 1 if sampler == "dpmsolver++" else T)
         return make_sampler(sampler, self.schedule, num_inference_steps=num_inference_steps)
 
     def _prepare(self, prompts, num_images, guidance_scale, num_inference_steps, sampler):
@@ -415,14 +407,13 @@ class StableDiffusion:
         if tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
             raise MinisdError(f"image of shape {tuple(image.shape[1:])}; this model makes "
                               f"(3, {self.image_size}, {self.image_size})")
-        prompts, guidance_scale, s, _ = self._prepare(prompts, 1, guidance_scale, num_inference_steps, sampler)
-        base = [p for p in prompts for _ in range(len(image))]
-        texts = (*self.encode_prompt(base), *self.encode_prompt([""] * len(base)))
-        z0 = self.encode(image).repeat(len(prompts), 1, 1, 1)
+        prompts, guidance_scale, s, texts = self._prepare(prompts, len(image), guidance_scale,
+                                                          num_inference_steps, sampler)  # each prompt per image
+        z0 = self.encode(image).repeat(len(prompts) // len(image), 1, 1, 1)
         start = len(s.timesteps) - max(1, round(strength * len(s.timesteps)))
         t0 = int(s.timesteps[start])
         generator = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
         z = self.schedule.add_noise(z0, noise, torch.full((len(z0),), t0, dtype=torch.long))
         z = self._denoise(z, s, start, texts, guidance_scale, generator, callback, progress)
-        return SDOutput(self.decode(z), z, base)
+        return SDOutput(self.decode(z), z, prompts)

@@ -36,7 +36,10 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, missing: dict | None = None) -> dict:
+    """The JSON object in `path`; `missing` (if given) when there is no such file."""
+    if missing is not None and not path.is_file():
+        return missing
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -116,7 +119,7 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
                   versions={"minisd": minisd.__version__, "torch": torch.__version__,
                             "python": platform.python_version()})
     write_json(out / "config.json", config)
-    metrics = read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
+    metrics = read_json(out / "metrics.json", missing={})
     metrics.setdefault("train", {})
     for stage in todo:
         state_file = out / "train_state" / f"{stage}.safetensors"
@@ -132,15 +135,14 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
             "wall_seconds": round(result.resumed_seconds + wall, 1),  # with data, encoding and saving
             "steps": len(result.losses), "resumed_from": result.resumed_from,
             "final_loss": result.smoothed()[-1], "losses": result.losses[::10]}
+        metrics["train"]["total_wall_seconds"] = round(sum(metrics["train"][s]["wall_seconds"]
+                                                           for s in STAGES if s in metrics["train"]), 1)
         log(f"{stage}: trained in {wall:.0f} s, final loss {result.smoothed()[-1]:.4f}")
         write_json(out / "config.json", config)
         write_json(out / "metrics.json", metrics)
         state_file.unlink(missing_ok=True)
     if (out / "train_state").is_dir() and not any((out / "train_state").iterdir()):
         (out / "train_state").rmdir()
-    metrics["train"]["total_wall_seconds"] = round(sum(v["wall_seconds"] for k, v in metrics["train"].items()
-                                                       if k in STAGES), 1)
-    write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -247,7 +249,7 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> 
             log(f"{name:4s} {part:8s} {lines[0]}")
             for line in lines[1:]:
                 log(f"{'':14s}{line}")
-    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    metrics = read_json(run / "metrics.json", missing={})
     metrics.setdefault("eval", {}).update(figures)
     write_json(run / "metrics.json", metrics)
     return figures
@@ -270,15 +272,14 @@ def export_run(run, out, dtype: str = "float16", log=print) -> Path:
         raise MinisdError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
     if not out.parent.exists():
         raise MinisdError(f"folder {str(out.parent)!r} for --out does not exist; create it first")
-    out.mkdir(exist_ok=True)
     cast = getattr(torch, dtype)
-    for name in ("vae", "text_encoder", "unet"):
-        getattr(sd, name).to(cast).save_pretrained(out / name)
-    sd.tokenizer.save(out / "tokenizer.json")
-    config = read_json(run / "config.json")
+    for module in (sd.vae, sd.text_encoder, sd.unet):
+        module.to(cast)
+    sd.save_pretrained(out)
+    config = read_json(run / "config.json")  # the run's own, with its preset, seed and every stage's config
     config["exported"] = {"from": str(run), "dtype": dtype}
     write_json(out / "config.json", config)
-    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    metrics = read_json(run / "metrics.json", missing={})
     metrics.pop("eval", None)  # figures belong to the weights they were measured on: evaluate the export
     write_json(out / "metrics.json", metrics)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
