@@ -5,6 +5,7 @@
     minisd sample --run runs/cpu --prompt "…" --out grid.png           a captioned grid of samples
     minisd eval   --run runs/cpu                  print (and store) each component's figures
     minisd export --run runs/cpu --out DIR        the sampling parts, weights in float16, to ship
+    minisd bench  [explorer]                      speed figures on this machine (table + bench.json)
 
 A user mistake prints one line `error: …` and exits with status 2; nothing on disk is touched.
 """
@@ -108,6 +109,14 @@ def cmd_export(args) -> None:
           f"`minisd eval --run {args.out}`")
 
 
+def cmd_bench(args) -> None:
+    from minisd.bench import format_table, run_bench
+
+    result = run_bench(args.suites, args.run, args.out, args.repeats, args.device)
+    print(format_table(result))
+    print(f"\nwrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="minisd", description="A small Stable Diffusion, built from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -159,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run folder written by `minisd train`")
     e.add_argument("--split", default="test", help="test or train (the held-out pairs are always added)")
     e.set_defaults(func=cmd_eval)
+    from minisd.bench import SUITES
+
+    b = sub.add_parser("bench", help="measure speed on this machine: print a table, write JSON")
+    b.add_argument("suites", nargs="*", metavar="SUITE", help=f"among {', '.join(SUITES)} (default: all)")
+    b.add_argument("--run", default="shapes-cpu", help="model to measure (default: the shipped shapes-cpu)")
+    b.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per measure; the median is shown")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
