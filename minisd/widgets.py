@@ -116,6 +116,7 @@ class DenoisingExplorer(widgets.VBox):
         self.run_button.add_class("minisd-explorer-run")
         self.prompt.add_class("minisd-explorer-prompt")
         self.step_slider.add_class("minisd-explorer-step")
+        self.steps.add_class("minisd-explorer-steps")
         self.message.add_class("minisd-explorer-message")
         self.add_class("minisd-explorer")
 
@@ -173,7 +174,7 @@ class DenoisingExplorer(widgets.VBox):
         try:
             trajs = [record_trajectory(self.sd, **r) for r in runs]
         except MinisdError as e:
-            self._say(str(e))
+            self._say(str(e).replace("num_inference_steps", "steps"))  # the name on the control
             return False
         except Exception as e:  # noqa: BLE001 — a widget shows a message, never a traceback
             self._say(f"unexpected error ({type(e).__name__}): {e}")
