@@ -195,3 +195,23 @@ def test_export_writes_every_frame(sd, traj, tmp_path):
     ex.export_name.value = str(tmp_path / "slides.gif")
     ex.export_button.click()
     assert "wrote" in said(ex) and (tmp_path / "slides.gif").stat().st_size > 0
+
+
+def test_bench_command_times_the_explorer_and_writes_json(tmp_path, capsys):
+    import json
+
+    from minisd.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "explorer", "--repeats", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "press Run: 50 ddim steps, guidance 4" in table and "redraw" in table
+    result = json.loads(out.read_text())
+    rows = result["suites"]["explorer"]
+    assert result["machine"]["torch_threads"] >= 1 and len(rows) == 6
+    assert all(r["seconds"] > 0 for r in rows)
+    for argv, says in ((["bench", "pixels"], "unknown bench suite 'pixels'"),
+                       (["bench", "--repeats", "0"], "repeats 0 is not allowed"),
+                       (["bench", "--out", str(tmp_path / "no" / "b.json")], "does not exist")):
+        assert main(argv) == 2
+        assert says in capsys.readouterr().err
