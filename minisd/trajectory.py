@@ -196,13 +196,16 @@ def noise_panel(noise: torch.Tensor, size: int = PANEL) -> np.ndarray:
     return out
 
 
-def attention_panels(traj: Trajectory, step: int, layer: str = MEAN_LAYER, size: int = TOKEN):
-    """One heat map per token over the predicted image at `step`: each token's map is stretched
-    from its own minimum to its maximum (where it looks; bright = more) and labelled with its
-    share of all attention (how much)."""
-    maps = traj.attention_map(step, layer)  # (T, h, w)
+def attention_panels(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, size: int = TOKEN):
+    """One heat map per token over the image of the predicted-image panel at `frame` (the final
+    image at the last frame, whose maps are the last step's): each token's map is stretched from
+    its own minimum to its maximum (where it looks; bright = more) and labelled with its share of
+    all attention (how much)."""
+    n = traj.num_inference_steps
+    maps = traj.attention_map(min(frame, n - 1), layer)  # (T, h, w)
     share = maps.flatten(1).mean(1)  # each pixel's weights sum to 1 over the tokens
-    gray = _upscale(_rgb(traj.pred_images[min(step, traj.num_inference_steps - 1)]), size).mean(-1, keepdims=True)
+    under = traj.images[n] if frame == n else traj.pred_images[frame]
+    gray = _upscale(_rgb(under), size).mean(-1, keepdims=True)
     panels = []
     for tok, m, s in zip(traj.tokens, maps, share):
         heat = _colormap(_upscale(m.numpy()[..., None], size)[..., 0], "magma", float(m.min()), float(m.max()))
@@ -219,7 +222,6 @@ def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_widt
     n = traj.num_inference_steps
     if not 0 <= frame <= n:
         raise MinisdError(f"frame {frame} is out of range; this trajectory has frames 0 … {n}")
-    step = min(frame, n - 1)
     t = traj.timesteps[frame] if frame < n else 0
     last = frame == n
     pred = traj.images[n] if last else traj.pred_images[frame]
@@ -227,7 +229,7 @@ def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_widt
            ("predicted clean image", _upscale(_rgb(pred), PANEL)),
            ("predicted noise, 4 channels" if not last else "(no more noise)",
             noise_panel(traj.noise_pred[frame]) if not last else np.full((PANEL, PANEL, 3), 0.92))]
-    small = attention_panels(traj, step, layer) if traj.attention else []
+    small = attention_panels(traj, frame, layer) if traj.attention else []
 
     font, bold = _font(11), _font(13)
     title_h, label_h = 40, 16

@@ -43,9 +43,6 @@ def _free_port() -> int:
 @pytest.fixture
 def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 serving a copy of notebook 08; yields its URL."""
-    from minisd.metrics import load_judge
-
-    load_judge(progress=False)  # the notebook reads with the judge: train it here (once, cached) if needed
     shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
     settings = tmp_path / ".settings"
     for name, value in {"notebook-extension/tracker": {"windowingMode": "none"},  # every cell in the DOM
