@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -202,6 +203,13 @@ class SDOutput:
     images: torch.Tensor  # (N, 3, H, W) floats in [0, 1]
     latents: torch.Tensor  # (N, c, h, w) the final latents
     prompts: list[str]  # one per image
+
+
+def check_seed(seed) -> int:
+    """A seed for `torch.Generator.manual_seed`: an integer from 0 to 2**63 − 1."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise MinisdError(f"seed {seed!r} is not allowed; use an integer from 0 to 2**63 − 1")
+    return int(seed)
 
 
 def check_guidance(w) -> float:
@@ -383,7 +391,7 @@ class StableDiffusion:
         """
         prompts, guidance_scale, s, texts = self._prepare(prompts, num_images, guidance_scale,
                                                           num_inference_steps, sampler)
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(check_seed(seed))
         shape = (len(prompts), *self.latent_shape)
         if latents is None:
             latents = torch.randn(shape, generator=generator)
@@ -412,7 +420,7 @@ class StableDiffusion:
         z0 = self.encode(image).repeat(len(prompts) // len(image), 1, 1, 1)
         start = len(s.timesteps) - max(1, round(strength * len(s.timesteps)))
         t0 = int(s.timesteps[start])
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(check_seed(seed))
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
         z = self.schedule.add_noise(z0, noise, torch.full((len(z0),), t0, dtype=torch.long))
         z = self._denoise(z, s, start, texts, guidance_scale, generator, callback, progress)

@@ -158,6 +158,7 @@ def test_side_by_side_shares_the_starting_noise(sd):
     ("guidance", -2.0, "guidance scale -2.0 is not allowed"),
     ("guidance", float("nan"), "guidance scale nan is not allowed"),
     ("steps_b", -5, "steps -5 is not allowed"),
+    ("seed", 2**64, f"seed {2**64} is not allowed"),
 ])
 def test_bad_input_shows_a_message_and_keeps_the_last_run(sd, control, value, says):
     ex = denoising_explorer(sd, PROMPT, steps=4, compare=control.endswith("_b"))

@@ -189,6 +189,8 @@ def test_sample_writes_a_captioned_grid(tiny_run, tmp_path, capsys):
     (["--steps", "5000"], "error: num_inference_steps 5000 is not allowed"),
     (["-n", "0"], "error: -n 0 is not allowed"),
     (["-n", "-1"], "error: -n -1 is not allowed"),
+    (["--seed", "-1"], "error: seed -1 is not allowed"),
+    (["--seed", str(2**64)], f"error: seed {2**64} is not allowed"),
     (["--out", "OUT/missing/grid.png"], "error: folder"),
     (["--run", "OUT/nothing"], "error: run folder"),
 ])
