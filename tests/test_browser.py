@@ -25,6 +25,8 @@ NOTEBOOK = ROOT / "notebooks" / "08_denoising_explorer.ipynb"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ALL_RUN = """() => { const cells = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
                   return cells.length > 0 && cells.every(c => /\\[\\d+\\]/.test(c.textContent)); }"""
+BUSY = """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].some(c => c.textContent.includes('*'))
+               || document.querySelector(".jp-Notebook-ExecutionIndicator[data-status='busy']") !== null"""
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--disable-dev-shm-usage"]
 
@@ -105,13 +107,20 @@ def test_notebook_08_explorer_in_a_real_browser(lab):
             # every code cell has run: each prompt shows an execution count. Should JupyterLab ask
             # which kernel to use (it does when Run is pressed before the kernel is connected),
             # accept its choice and run again.
-            deadline = time.time() + 240
+            # Once in a while Run All is dropped silently (seen here: the kernel idle, no cell run);
+            # then nothing is queued or running after a few seconds, and it is pressed again.
+            deadline, idle_since = time.time() + 240, None
             while not page.evaluate(ALL_RUN):
                 dialog = page.locator(".jp-Dialog .jp-mod-accept")
                 if dialog.count():
                     dialog.first.click()
                     page.wait_for_timeout(3000)
                     run_all()
+                busy = page.evaluate(BUSY)
+                idle_since = None if busy else (idle_since or time.time())
+                if idle_since and time.time() - idle_since > 10:
+                    run_all()
+                    idle_since = None
                 assert time.time() < deadline, "the notebook's cells did not all run within 240 s"
                 page.wait_for_timeout(1000)
             errors = page.locator("[data-mime-type='application/vnd.jupyter.stderr']", has_text="Traceback")
@@ -132,8 +141,10 @@ def test_notebook_08_explorer_in_a_real_browser(lab):
 
             # type a prompt and press Run
             explorer.locator(".minisd-explorer-prompt input").fill("a small blue square in the top left")
+            begin = time.perf_counter()
             explorer.locator("button.minisd-explorer-run").click()
             changed_from(first_src)
+            timings = {"prompt typed, Run pressed → new picture on the page (s)": time.perf_counter() - begin}
             after_run_src, after_run = frame.get_attribute("src"), frame.screenshot()
             assert after_run != first
 
@@ -144,8 +155,12 @@ def test_notebook_08_explorer_in_a_real_browser(lab):
             readout.click()
             page.keyboard.press("Control+A")
             page.keyboard.type("3")
+            begin = time.perf_counter()
             page.keyboard.press("Enter")
             changed_from(after_run_src)
+            timings["step typed into the slider → new picture on the page (s)"] = time.perf_counter() - begin
+            # kept for the record (not asserted: speed is measured by `minisd bench`)
+            (artifacts / "browser-timings.json").write_text(json.dumps(timings, indent=1))
             page.wait_for_timeout(300)
             after_slide = frame.screenshot()
             assert after_slide != after_run
