@@ -314,6 +314,7 @@ def save_animation(trajs: Trajectory | list[Trajectory], path, layer: str = MEAN
         raise MinisdError(f"{str(path)!r} is a folder; give a file name ending in .gif or .html")
     if not (isinstance(fps, (int, float)) and 0 < fps <= 60):
         raise MinisdError(f"fps {fps!r} is not allowed; use a number in (0, 60]")
+    trajs = [trajs] if isinstance(trajs, Trajectory) else list(trajs)
     frames = animation_frames(trajs, layer)
     ms = int(round(1000 / fps))
     if path.suffix.lower() == ".gif":
@@ -325,7 +326,7 @@ def save_animation(trajs: Trajectory | list[Trajectory], path, layer: str = MEAN
                            loop=0, optimize=False)
     else:
         uris = [f"data:image/png;base64,{base64.b64encode(png_bytes(f)).decode()}" for f in frames]
-        title = html.escape(" | ".join(t.label() for t in ([trajs] if isinstance(trajs, Trajectory) else trajs)))
+        title = html.escape(" | ".join(t.label() for t in trajs))
         page = _HTML.replace("__TITLE__", title).replace("__FRAMES__", json.dumps(uris)) \
             .replace("__LAST__", str(len(uris) - 1)).replace("__MS__", str(ms))
 

@@ -183,8 +183,9 @@ class DenoisingExplorer(widgets.VBox):
             self.run_button.disabled = False
         self.trajectories, self._ran = trajs, runs
         tok = self.sd.tokenizer
-        unknown = [w for w in split_words(prompt) if w not in tok.ids]
-        too_long = len(split_words(prompt)) > tok.max_length - 2
+        words = split_words(prompt)
+        unknown = [w for w in words if w not in tok.ids]
+        too_long = len(words) > tok.max_length - 2
         notes = []
         if unknown:
             notes.append(f"not in the model's vocabulary, read as <unk>: {', '.join(dict.fromkeys(unknown))}")
