@@ -336,10 +336,14 @@ def clip_presets():
                 TrainConfig(steps=500, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=50,
                             desc="CLIP (cpu)")),
         "gpu": (CLIPConfig(TextEncoderConfig(width=256, layers=4, heads=8),
-                           ImageEncoderConfig(patch_size=4, width=256, layers=6, heads=8), embed_dim=256),
+                           ImageEncoderConfig(image_size=64, patch_size=8, width=256, layers=6, heads=8),
+                           embed_dim=256),
                 TrainConfig(steps=4000, batch_size=512, lr=5e-4, weight_decay=0.1, warmup_steps=200,
                             desc="CLIP (gpu)")),
     }
+
+
+CLIP_IMAGES = {"tiny": 2_000, "cpu": 20_000, "gpu": 20_000}  # training images drawn by default
 
 
 def clip_loss_fn(tokenizer, paraphrase: float = 0.5, drop: float = 0.25, label_aware: bool = True):
@@ -363,35 +367,65 @@ def clip_loss_fn(tokenizer, paraphrase: float = 0.5, drop: float = 0.25, label_a
     return loss_fn
 
 
+def caption_loss_fn(tokenizer, texts: list[str]):
+    """loss_fn(model, (images, caption_ids), generator) for a dataset with fixed captions (MNIST,
+    CIFAR-10, your own images): image i's caption is texts[caption_ids[i]], and every caption of
+    the batch that is the same text counts as a match (two photos of a cat share one caption)."""
+    from minisd.data import normalize
+
+    all_ids, all_mask = tokenizer(texts)  # tokenised once
+
+    def loss_fn(model, batch, generator):
+        images, caption_ids = batch
+        device = images.device
+        ids, mask = all_ids[caption_ids.cpu()].to(device), all_mask[caption_ids.cpu()].to(device)
+        logits = model(normalize(images), ids, mask)
+        return contrastive_loss(logits, caption_ids[:, None] == caption_ids[None, :])
+
+    return loss_fn
+
+
 def train_clip(preset: str = "cpu", *, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+               texts: list[str] | None = None,
                config: CLIPConfig | None = None, steps: int | None = None, label_aware: bool = True,
                paraphrase: float = 0.5, drop: float = 0.25, seed: int = 0, device: str = "auto",
-               progress: bool = True, state_file=None):
-    """Train a CLIP on Shapes (train split: the held-out colour–shape pairs never appear).
+               progress: bool = True, state_file=None, train_options: dict | None = None):
+    """Train a CLIP on Shapes (train split: the held-out colour–shape pairs never appear), or on
+    any captioned images.
 
-    Returns (model, tokenizer, TrainResult); state_file: see `minisd.train.train` (resume). `images` uint8 (N, 3, S, S) and `labels` (N, 4)
-    default to training images rendered with `seed` (20,000; 2,000 for 'tiny').
+    `images` uint8 (N, 3, S, S) and `labels` (N, 4) default to Shapes training images rendered
+    with `seed` (20,000; 2,000 for 'tiny'); captions are then written fresh each step (`describe`).
+    With `texts`, `labels` (N,) are instead indices into that list of fixed captions (see
+    `minisd.data.load_dataset`), and the vocabulary is built from them.
+    Returns (model, tokenizer, TrainResult); state_file: see `minisd.train.train` (resume);
+    train_options: other `TrainConfig` fields, e.g. {"compile": True}.
     """
     from minisd.data import Shapes
-    from minisd.tokenizer import shapes_tokenizer
+    from minisd.tokenizer import Tokenizer, shapes_tokenizer
     from minisd.train import PRESETS, train
 
     check_choice("preset", preset, PRESETS)
     default_config, train_config = clip_presets()[preset]
     config = config or default_config
     train_config = replace(train_config, seed=seed, device=device, progress=progress,
-                           **({"steps": steps} if steps is not None else {}))
+                           **({"steps": steps} if steps is not None else {}), **(train_options or {}))
     if images is None:
-        data = Shapes("train", num_images=2_000 if preset == "tiny" else 20_000,
-                      image_size=config.image.image_size, seed=seed)
+        data = Shapes("train", num_images=CLIP_IMAGES[preset], image_size=config.image.image_size, seed=seed)
         images, labels = data.images, data.labels
-    tokenizer = shapes_tokenizer(config.text.max_length, paraphrases=True)
-    config = replace(config, text=replace(config.text, vocab_size=len(tokenizer)))  # one row per word
+    if texts is None:
+        tokenizer = shapes_tokenizer(config.text.max_length, paraphrases=True)
+        loss_fn = clip_loss_fn(tokenizer, paraphrase, drop, label_aware)
+    else:
+        tokenizer = Tokenizer.from_texts(texts, config.text.max_length)
+        loss_fn = caption_loss_fn(tokenizer, texts)
+    config = replace(config, text=replace(config.text, vocab_size=len(tokenizer)),  # one row per word
+                     image=replace(config.image, image_size=images.shape[-1]))
     torch.manual_seed(seed)  # the initial weights
     model = CLIP(config)
-    loss_fn = clip_loss_fn(tokenizer, paraphrase, drop, label_aware)
+    # The contrastive loss compares every image with every caption of the batch, so with several
+    # processes each computes the whole batch (shard_batch=False) rather than a slice.
     result = train(model, loss_fn, (images, labels), train_config, hook=lambda step, loss: model.clamp_logit_scale(),
-                   state_file=state_file)
+                   state_file=state_file, shard_batch=False)
     return model, tokenizer, result
 
 

@@ -1,4 +1,5 @@
-"""The built-in captioned Shapes dataset, and 2-D toy data for chapter 2.
+"""Captioned image datasets: the built-in Shapes, MNIST, Fashion-MNIST, CIFAR-10 and the user's
+own folder of captioned images; and 2-D toy data for chapter 2.
 
 Shapes draws one object on a black background, described by four attributes:
 
@@ -14,17 +15,48 @@ those pairs, to test whether a model composes attributes it has only seen apart.
 
 Images are rendered with anti-aliased edges from signed distances, in batches on the CPU:
 50,000 images of 32×32 take about a second.
+
+`load_dataset(name)` returns any of `DATASETS`, or a folder of your own images, as one
+`CaptionedImages`: uint8 images (N, 3, S, S), the distinct captions `texts`, and each image's
+`caption_ids` into them.
+
+    shapes          the Shapes above (splits train, test, heldout)
+    mnist           handwritten digits, "a handwritten digit seven"
+    fashion-mnist   clothes, "a photo of a sneaker"
+    cifar10         small photos, "a photo of a cat", "a photo of an airplane"
+    any other name  the path of a folder of captioned images (one split, train)
+
+MNIST and Fashion-MNIST (28×28 grey) are padded with black to 32×32 and repeated into three
+channels; they are read by torchvision from `root/MNIST/raw` and `root/FashionMNIST/raw`.
+CIFAR-10 is read from the official python version in `root/cifar-10-batches-py`, with an
+unpickler that admits numpy arrays and nothing else, since a pickle can run code. Nothing is
+downloaded unless asked (`download=True`, or `minisd data --dataset mnist --download`).
+
+A folder of your own images has its captions in one of two ways; `captions.jsonl` wins if both:
+
+    photos/cat.jpg + photos/cat.txt     each image with a UTF-8 text file of the same name
+    photos/captions.jsonl               {"file_name": "cat.jpg", "text": "a photo of a cat"} a line
+
+Only the folder itself is searched for images (.png .jpg .jpeg .webp .bmp), not its subfolders
+and not hidden files, in order of file name; `captions.jsonl` may name images in subfolders.
+Each image is made RGB (transparency over white), centre-cropped to a square and resized to
+`image_size` (bicubic).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minisd.errors import MinisdError, check_choice
+from minisd.distributed import rows
+from minisd.errors import MinisdError, check_choice, check_count
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -152,8 +184,8 @@ def describe(labels: torch.Tensor, generator: torch.Generator | None = None,
         raise MinisdError(f"paraphrase {paraphrase} and drop {drop} must be probabilities in [0, 1]")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1, 4)
     n = len(labels)
-    u = torch.rand(n, 7, generator=generator)  # one uniform draw per decision
-    mentioned = torch.rand(n, 4, generator=generator) >= drop
+    u = rows(lambda m: torch.rand(m, 7, generator=generator), n)  # one uniform draw per decision
+    mentioned = rows(lambda m: torch.rand(m, 4, generator=generator), n) >= drop
     out = []
     for row, keep, (p_para, p_tpl, *p_syn) in zip(decode_labels(labels), mentioned.tolist(), u.tolist()):
         words = dict(row)
@@ -324,3 +356,393 @@ def toy_2d(name: str = "spiral", n: int = 10_000, seed: int = 0, noise: float = 
     x = (x - x.mean(0)) / x.std()
     x = x + rng.normal(0, noise, x.shape)
     return torch.from_numpy(x).float()
+
+
+# --- real datasets and the user's own captioned images ----------------------------------------
+DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTIONS_FILE = "captions.jsonl"
+MNIST_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "ankle boot")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR10_FOLDER = "cifar-10-batches-py"
+_FILE_KEYS, _TEXT_KEYS = ("file_name", "file", "image"), ("text", "caption")
+
+
+@dataclass(eq=False, repr=False)
+class CaptionedImages(Dataset):
+    """Captioned images from any source `load_dataset` knows.
+
+    Attributes:
+        name: one of `DATASETS`, or the folder's path;  split: 'train', 'test' or 'heldout'.
+        images: uint8 (N, 3, S, S).
+        texts: the distinct captions;  caption_ids: long (N,), each image's index into `texts`.
+        labels: Shapes' attribute labels (N, 4); the class index (N,) for mnist, fashion-mnist
+            and cifar10; None for a folder.
+
+    Each item is a dict: 'image' float (3, S, S) in [0, 1], 'caption' str, 'caption_id' long (),
+    and 'labels' where the dataset has them.
+    """
+
+    name: str
+    split: str
+    images: torch.Tensor
+    texts: list[str]
+    caption_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n = len(self.images)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3 \
+                or self.images.shape[2] != self.images.shape[3]:
+            raise MinisdError(f"images must be uint8 (N, 3, S, S), got {self.images.dtype} "
+                              f"{tuple(self.images.shape)}")
+        if self.caption_ids.shape != (n,) or self.caption_ids.dtype != torch.long:
+            raise MinisdError(f"caption_ids must be long ({n},), got {self.caption_ids.dtype} "
+                              f"{tuple(self.caption_ids.shape)}")
+        if n and not 0 <= int(self.caption_ids.min()) <= int(self.caption_ids.max()) < len(self.texts):
+            raise MinisdError(f"caption_ids must index the {len(self.texts)} texts")
+        if self.labels is not None and len(self.labels) != n:
+            raise MinisdError(f"labels has {len(self.labels)} rows for {n} images")
+
+    @property
+    def captions(self) -> list[str]:
+        """Each image's caption."""
+        return [self.texts[i] for i in self.caption_ids.tolist()]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"image": self.images[i].float() / 255,
+                "caption": self.texts[int(self.caption_ids[i])],
+                "caption_id": self.caption_ids[i]}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+    def __repr__(self) -> str:
+        return (f"CaptionedImages(name={self.name!r}, split={self.split!r}, num_images={len(self)}, "
+                f"image_size={self.image_size}, texts={len(self.texts)})")
+
+
+def load_dataset(name: str, split: str = "train", root: str | Path = "data", image_size: int = 32,
+                 num_images: int | None = None, seed: int = 0,
+                 download: bool = False) -> CaptionedImages:
+    """One of `DATASETS`, or the folder of captioned images at the path `name`.
+
+    Args:
+        split: 'train' or 'test'; shapes also has 'heldout'; a folder has only 'train'.
+        root: where mnist, fashion-mnist and cifar10 are kept (and downloaded to).
+        image_size: side in pixels; images other than Shapes are resized to it (bicubic).
+        num_images: keep the first this many, in the files' order (all if None or fewer exist).
+            Shapes renders exactly this many (its default sizes if None).
+        seed: Shapes' seed; the other datasets are files, read in order.
+        download: fetch mnist, fashion-mnist or cifar10 into `root` first (needs internet);
+            Shapes is generated, so there is nothing to fetch.
+    """
+    check_count("image_size", image_size, 8)
+    if num_images is not None:
+        check_count("num_images", num_images, 1)
+    if name == "shapes":
+        ds = Shapes(split, num_images, image_size, seed)
+        texts, ids = _index_texts(ds.captions)
+        return CaptionedImages("shapes", split, ds.images, texts, ids, ds.labels)
+    if name not in DATASETS:
+        return _load_folder(Path(name), split, image_size, num_images, download)
+    if split not in ("train", "test"):
+        raise MinisdError(f"unknown split {split!r} for {name}; allowed: 'train', 'test' "
+                          "('heldout' exists only for shapes)")
+    if name == "cifar10":
+        images, labels, classes = _read_cifar10(Path(root), split, download, num_images)
+        texts = [f"a photo of {_article(c)} {c}" for c in classes]
+    else:
+        images, labels = _read_mnist(name, Path(root), split, download)
+        # 28×28 → 32×32 with a black border, the side the models are built for: (N, 1, 32, 32)
+        images = torch.nn.functional.pad(images[:num_images], (2, 2, 2, 2)).unsqueeze(1)
+        if name == "mnist":
+            texts = [f"a handwritten digit {c}" for c in MNIST_CLASSES]
+        else:
+            texts = [f"a photo of {_article(c)} {c}" for c in FASHION_MNIST_CLASSES]
+    images, labels = _resize(images[:num_images], image_size), labels[:num_images].clone()
+    images = images.expand(-1, 3, -1, -1).contiguous()  # grey → RGB (RGB stays): (N, 3, S, S)
+    return CaptionedImages(name, split, images, texts, labels.clone(), labels)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _index_texts(captions: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Per-image captions → (distinct texts in order of first use, long ids (N,) into them)."""
+    texts = list(dict.fromkeys(captions))
+    index = {t: i for i, t in enumerate(texts)}
+    return texts, torch.tensor([index[c] for c in captions], dtype=torch.long)
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 (N, C, H, W) → uint8 (N, C, size, size), bicubic with antialiasing (as PIL does)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for lo in range(0, len(images), chunk):
+        x = images[lo:lo + chunk].float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+        out[lo:lo + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _download_hint(name: str, root: Path) -> str:
+    root_opt = "" if str(root) == "data" else f" --root {root}"
+    return f"download it with `minisd data --dataset {name}{root_opt} --download` (needs internet)"
+
+
+def _read_mnist(name: str, root: Path, split: str, download: bool):
+    """MNIST or Fashion-MNIST through torchvision: uint8 images (N, 28, 28), long labels (N,).
+
+    torchvision (0.29) reads the four raw idx files from root/MNIST/raw (root/FashionMNIST/raw)
+    once they exist, without checksums; only its download verifies MD5 sums.
+    """
+    import torchvision.datasets
+
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    title = "MNIST" if name == "mnist" else "Fashion-MNIST"
+    raw = root / cls.__name__ / "raw"
+    try:
+        ds = cls(str(root), train=split == "train", download=download)
+    except Exception as e:  # torchvision's errors → one line that says what to do
+        missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+        files = f"the four raw files ({', '.join(MNIST_FILES)}, uncompressed) there"
+        if missing and download:
+            raise MinisdError(f"could not download {title} into {str(raw)!r} ({_one_line(e)}); "
+                              f"check the internet connection, or copy {files}") from None
+        if missing:
+            raise MinisdError(f"{title} not found in {str(raw)!r}; {_download_hint(name, root)}, "
+                              f"or copy {files}") from None
+        raise MinisdError(f"cannot read {title} from {str(raw)!r}: the raw files are not valid "
+                          f"idx files ({_one_line(e)}); delete them and download again") from None
+    images, labels = ds.data, ds.targets
+    if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28) or len(labels) != len(images) \
+            or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9):
+        raise MinisdError(f"{title} in {str(raw)!r} is not 28×28 images with labels 0 … 9: "
+                          f"images {tuple(images.shape)}, {len(labels)} labels")
+    return images, labels.long()
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's official batches and nothing else.
+
+    Unpickling may call any importable function the file names, so a doctored file could run
+    code (torchvision's CIFAR10 checks MD5 sums first; we read files that may come from
+    anywhere). The official files name only numpy's array reconstruction; anything else is
+    refused before it is imported.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # Python 2 strings → bytes, as the files were written
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            allowed = ", ".join(sorted(f"{m}.{n}" for m, n in self.ALLOWED))
+            raise MinisdError(f"refusing to unpickle {str(self.path)!r}: it asks for {module}.{name}, "
+                              f"which no CIFAR-10 batch needs, and loading it could run code; "
+                              f"allowed: {allowed}")
+        if name == "_reconstruct":
+            try:  # numpy ≥ 2 moved numpy.core to numpy._core
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # pragma: no cover - numpy 1
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(np, name)
+
+
+def _unpickle_cifar(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, path).load()
+    except MinisdError:
+        raise
+    except Exception as e:  # truncated, not a pickle, …
+        raise MinisdError(f"{str(path)!r} is not a CIFAR-10 batch ({_one_line(e)}); "
+                          "delete the folder and download again") from None
+    if not isinstance(entry, dict):
+        raise MinisdError(f"{str(path)!r} is not a CIFAR-10 batch: it holds a {type(entry).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_field(entry: dict, key: str, path: Path):
+    if key not in entry:
+        raise MinisdError(f"{str(path)!r} is not a CIFAR-10 batch: it has no {key!r} "
+                          f"(it has {sorted(map(str, entry))})")
+    return entry[key]
+
+
+def _read_cifar10(root: Path, split: str, download: bool, num_images: int | None):
+    """CIFAR-10's python version: uint8 images (N, 3, 32, 32), long labels (N,), class names.
+
+    Reading stops after the batch that completes `num_images`.
+    """
+    folder = root / CIFAR10_FOLDER
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    if download and not (folder / names[0]).is_file():
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:  # torchvision's source and MD5 sum; unpacked here, then read with the restricted unpickler below
+            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as e:
+            raise MinisdError(f"could not download CIFAR-10 into {str(folder)!r} ({_one_line(e)}); "
+                              "check the internet connection") from None
+    missing = [n for n in ["batches.meta", *names] if not (folder / n).is_file()]
+    if missing:
+        raise MinisdError(f"CIFAR-10 not found in {str(folder)!r} (missing {', '.join(missing)}); "
+                          f"{_download_hint('cifar10', root)}, or unpack the python version "
+                          f"(cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) "
+                          f"into {str(root)!r}")
+    meta_path = folder / "batches.meta"
+    classes = _cifar_field(_unpickle_cifar(meta_path), "label_names", meta_path)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in classes]
+    data, labels = [], []
+    for n in names:
+        path = folder / n
+        entry = _unpickle_cifar(path)
+        x, y = _cifar_field(entry, "data", path), _cifar_field(entry, "labels", path)
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 \
+                or x.shape[1] != 3 * 32 * 32 or len(y) != len(x):
+            shape = getattr(x, "shape", None)
+            raise MinisdError(f"{str(path)!r} is not a CIFAR-10 batch: 'data' must be uint8 (N, 3072) "
+                              f"with N labels, got {type(x).__name__} {shape} and {len(y)} labels")
+        data.append(x)
+        labels += list(y)
+        if num_images is not None and len(labels) >= num_images:
+            break
+    labels = torch.tensor(labels, dtype=torch.long)
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+        raise MinisdError(f"CIFAR-10 labels in {str(folder)!r} go beyond the {len(classes)} label_names")
+    # Each row holds the red, then green, then blue plane, each 32×32 row by row.
+    images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))  # (N, 3, 32, 32)
+    return images, labels, classes
+
+
+def _load_folder(folder: Path, split: str, image_size: int, num_images: int | None,
+                 download: bool) -> CaptionedImages:
+    if not folder.exists():
+        known = ", ".join(repr(d) for d in DATASETS)
+        raise MinisdError(f"unknown dataset {str(folder)!r}; allowed: {known}, or the path of a "
+                          f"folder of captioned images (there is no folder {str(folder.absolute())!r})")
+    if not folder.is_dir():
+        raise MinisdError(f"{str(folder)!r} is not a folder; give one of {', '.join(DATASETS)}, "
+                          "or a folder of images with captions")
+    if split != "train":
+        raise MinisdError(f"a folder of images has one split, 'train' (all its images), not {split!r}; "
+                          "to hold images out, put them in a second folder and load that")
+    if download:
+        raise MinisdError(f"there is nothing to download for the folder {str(folder)!r}; "
+                          f"download works for {', '.join(DATASETS[1:])}")
+    jsonl = folder / CAPTIONS_FILE
+    entries = _read_captions_jsonl(jsonl) if jsonl.is_file() else _read_caption_files(folder)
+    if not entries:
+        raise MinisdError(f"no images in {str(folder)!r}: put image files ({' '.join(IMAGE_SUFFIXES)}) "
+                          f"there, each with a caption in a .txt file of the same name, or list them "
+                          f"in {CAPTIONS_FILE}")
+    entries = entries[:num_images]
+    images = torch.stack([_read_image(path, image_size) for path, _ in entries])  # (N, 3, S, S)
+    texts, ids = _index_texts([text for _, text in entries])
+    return CaptionedImages(str(folder), "train", images, texts, ids)
+
+
+def _read_caption_files(folder: Path) -> list[tuple[Path, str]]:
+    """Layout 1: each image beside a .txt caption of the same name. Returns [(image, caption)]."""
+    images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                     and not p.name.startswith(".") and p.is_file()), key=lambda p: p.name)
+    entries = []
+    for path in images:
+        txt = path.with_suffix(".txt")
+        if not txt.is_file():
+            raise MinisdError(f"image {str(path)!r} has no caption; write it into {str(txt)!r}, "
+                              f"or list every image with its caption in {str(folder / CAPTIONS_FILE)!r}")
+        try:
+            text = txt.read_text(encoding="utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise MinisdError(f"caption file {str(txt)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text:
+            raise MinisdError(f"caption file {str(txt)!r} is empty; write the image's caption in it")
+        entries.append((path, text))
+    return entries
+
+
+def _read_captions_jsonl(jsonl: Path) -> list[tuple[Path, str]]:
+    """Layout 2: one JSON object a line, {"file_name": "cat.jpg", "text": "…"}. Returns [(image, caption)]."""
+    where = str(jsonl)
+    try:
+        lines = jsonl.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise MinisdError(f"{where!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MinisdError(f"{where!r} line {number} is not JSON ({e.msg}); write one object a line, "
+                              '{"file_name": "cat.jpg", "text": "a photo of a cat"}') from None
+        if not isinstance(record, dict):
+            raise MinisdError(f"{where!r} line {number} is a JSON {type(record).__name__}, not an object "
+                              'like {"file_name": "cat.jpg", "text": "a photo of a cat"}')
+        file = next((record[k] for k in _FILE_KEYS if k in record), None)
+        text = next((record[k] for k in _TEXT_KEYS if k in record), None)
+        if not isinstance(file, str) or not file.strip():
+            raise MinisdError(f"{where!r} line {number} names no image; give its path, relative to the "
+                              f"folder, under one of {', '.join(map(repr, _FILE_KEYS))}")
+        if not isinstance(text, str) or not text.strip():
+            raise MinisdError(f"{where!r} line {number} has no caption; give it as a non-empty string "
+                              f"under one of {', '.join(map(repr, _TEXT_KEYS))}")
+        path = jsonl.parent / file
+        if Path(file).is_absolute():
+            raise MinisdError(f"{where!r} line {number} names {file!r}; give the path relative to the folder")
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise MinisdError(f"{where!r} line {number} names {file!r}; allowed image types: "
+                              f"{' '.join(IMAGE_SUFFIXES)}")
+        if not path.is_file():
+            raise MinisdError(f"{where!r} line {number} names {file!r}, which does not exist in "
+                              f"{str(jsonl.parent)!r}")
+        entries.append((path, text.strip()))
+    return entries
+
+
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    """An image file → uint8 (3, size, size): RGB, centre-cropped to a square, resized (bicubic)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # phones store the rotation separately
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            im = im.convert("RGB")
+            w, h = im.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            # crop first: resize(box=…) would let the filter reach pixels outside the square
+            im = im.crop((left, top, left + side, top + side))
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MinisdError(f"cannot read image {str(path)!r} ({_one_line(e)}); allowed: image files "
+                          f"{' '.join(IMAGE_SUFFIXES)} that open in an image viewer") from None
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()  # (3, S, S)

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minisd.distributed import rows
 from minisd.errors import MinisdError, check_choice
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -170,9 +171,10 @@ def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *,
     `model(x_t, t, **model_kwargs)`; x0: (B, …); returns a scalar.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    # `rows`: in data-parallel training, this process's rows of a draw for the whole global batch
+    B, T = x0.shape[0], schedule.num_train_timesteps
+    t = rows(lambda m: torch.randint(0, T, (m,), generator=generator), B).to(x0.device)
+    noise = rows(lambda m: torch.randn((m, *x0.shape[1:]), generator=generator), B).to(x0.device, x0.dtype)
     x_t = schedule.add_noise(x0, noise, t)
     target = training_target(schedule, x0, noise, t, prediction_type)
     return F.mse_loss(model(x_t, t, **model_kwargs), target)

@@ -148,10 +148,14 @@ class Judge(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(c.feature_dim, len(v)) for v in VOCABULARY.values())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim): what FID compares."""
+        """(N, feature_dim): what FID compares. Images of another size (the `gpu` preset's 64×64)
+        are first averaged down to the judge's size, as a 32×32 render would look."""
         from minisd.data import normalize
 
-        return self.body(normalize(images))
+        x = normalize(images)
+        if x.shape[-1] != self.config.image_size:
+            x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="area")
+        return self.body(x)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         h = self.features(images)

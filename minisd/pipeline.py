@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minisd.diffusion import NoiseSchedule
+from minisd.distributed import rows
 from minisd.errors import MinisdError, check_choice, check_count
 from minisd.samplers import SAMPLERS
 from minisd.unet import UNet, UNetConfig
@@ -91,16 +92,18 @@ def encode_dataset(vae, images: torch.Tensor, seed: int = 0, batch_size: int = 5
 
 
 def cached_latents(cache_file, vae_file, vae, num_images: int, seed: int = 0,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, labels) of `num_images` Shapes training images, encoded by `vae` and cached in
-    `cache_file`, keyed on the VAE weights' digest: a retrained VAE re-encodes."""
+                   progress: bool = False, image_size: int = 32, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, labels) of `num_images` Shapes training images of side `image_size`, encoded by
+    `vae` and cached in `cache_file`, keyed on the VAE weights' digest: a retrained VAE re-encodes.
+    dataset: a `minisd.data.CaptionedImages` to encode instead (labels are then its caption ids)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     from minisd.checkpoint import atomic_write
     from minisd.data import Shapes
 
-    key = {"vae_sha256": file_digest(vae_file), "num_images": str(num_images), "seed": str(seed)}
+    key = {"vae_sha256": file_digest(vae_file), "num_images": str(num_images), "seed": str(seed),
+           "image_size": str(image_size), "dataset": "shapes" if dataset is None else dataset.name}
     cache_file = Path(cache_file)
     if cache_file.is_file():
         try:
@@ -109,26 +112,35 @@ def cached_latents(cache_file, vae_file, vae, num_images: int, seed: int = 0,
                     return f.get_tensor("latents"), f.get_tensor("labels")
         except (SafetensorError, OSError):
             pass  # a damaged cache is simply rebuilt
-    ds = Shapes("train", num_images, seed=seed)
-    latents = encode_dataset(vae, ds.images, seed, progress=progress)
+    if dataset is None:
+        ds = Shapes("train", num_images, image_size=image_size, seed=seed)
+        images, labels = ds.images, ds.labels
+    else:
+        images, labels = dataset.images[:num_images], dataset.caption_ids[:num_images]
+    latents = encode_dataset(vae, images, seed, progress=progress)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache_file, lambda tmp: save_file({"latents": latents.contiguous(), "labels": ds.labels}, tmp,
-                                                   metadata=key))
-    return latents, ds.labels
+    atomic_write(cache_file, lambda tmp: save_file({"latents": latents.contiguous(), "labels": labels.contiguous()},
+                                                   tmp, metadata=key))
+    return latents, labels
 
 
 def unet_loss_fn(text_encoder, tokenizer, schedule: NoiseSchedule, paraphrase: float = 0.5, drop: float = 0.1,
-                 uncond_probability: float = UNCOND_PROBABILITY):
+                 uncond_probability: float = UNCOND_PROBABILITY, texts: list[str] | None = None):
     """loss_fn(unet, (latents, labels), generator) for `minisd.train.train`: captions for the
     batch (paraphrased, an attribute sometimes left out, the whole caption replaced by "" with
-    `uncond_probability`), the frozen text tower's token states as context, and the ε loss."""
+    `uncond_probability`), the frozen text tower's token states as context, and the ε loss.
+    With `texts` (a dataset with fixed captions), labels (B,) index them instead."""
     from minisd.data import describe
     from minisd.diffusion import diffusion_loss
 
     def loss_fn(unet, batch, generator):
         z0, labels = batch
-        captions, _ = describe(labels.cpu(), generator, paraphrase=paraphrase, drop=drop)
-        unconditional = (torch.rand(len(captions), generator=generator) < uncond_probability).tolist()
+        if texts is None:
+            captions, _ = describe(labels.cpu(), generator, paraphrase=paraphrase, drop=drop)
+        else:
+            captions = [texts[i] for i in labels.tolist()]
+        unconditional = (rows(lambda m: torch.rand(m, generator=generator), len(captions))
+                         < uncond_probability).tolist()
         captions = ["" if u else c for c, u in zip(captions, unconditional)]
         context, mask = encode_prompts(text_encoder, tokenizer, captions, z0.device)
         return diffusion_loss(unet, schedule, z0, generator=generator, context=context, context_mask=mask)
@@ -148,17 +160,20 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None):
 def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tensor | None = None,
                labels: torch.Tensor | None = None, steps: int | None = None, seed: int = 0,
                device: str = "auto", progress: bool = True, state_file=None,
-               config: UNetConfig | None = None, uncond_probability: float = UNCOND_PROBABILITY):
+               config: UNetConfig | None = None, uncond_probability: float = UNCOND_PROBABILITY,
+               train_options: dict | None = None, texts: list[str] | None = None):
     """Train the conditional latent U-Net of `preset` against a frozen text tower.
 
     latents, labels: the scaled training latents (N, c, h, w) and their Shapes labels (N, 4); by
     default the preset's number of training images, encoded here (see `cached_latents` for a
     cached version). The U-Net's input channels and context width are taken from the VAE and
     the text encoder. uncond_probability: how often a caption is emptied (0 ablates guidance).
+    train_options: other `TrainConfig` fields, e.g. {"compile": True, "channels_last": True}.
+    texts: for a dataset with fixed captions, the captions that `labels` (N,) index.
     Returns (U-Net to sample with = the EMA weights, TrainResult).
     """
     from minisd.data import Shapes
-    from minisd.train import PRESETS, pick_device, train
+    from minisd.train import IMAGE_SIZES, PRESETS, pick_device, train
 
     check_choice("preset", preset, PRESETS)
     unet_config, train_config, num_images = unet_presets()[preset]
@@ -166,16 +181,17 @@ def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tens
     unet_config = dataclasses.replace(config or unet_config, in_channels=latent_channels,
                                       out_channels=latent_channels, context_dim=text_encoder.config.width)
     train_config = dataclasses.replace(train_config, seed=seed, device=device, progress=progress,
-                                       **({} if steps is None else {"steps": steps}))
+                                       **({} if steps is None else {"steps": steps}), **(train_options or {}))
     if latents is None:
-        ds = Shapes("train", num_images, seed=seed)
+        ds = Shapes("train", num_images, image_size=IMAGE_SIZES[preset], seed=seed)
         latents, labels = encode_dataset(vae, ds.images, seed), ds.labels
     if labels is None or len(labels) != len(latents):
         raise MinisdError("train_unet needs one label row per latent")
     text_encoder = text_encoder.to(pick_device(device)).eval().requires_grad_(False)
     torch.manual_seed(seed)  # the initial weights
     unet = UNet(unet_config)
-    loss_fn = unet_loss_fn(text_encoder, tokenizer, NoiseSchedule(**SCHEDULE), uncond_probability=uncond_probability)
+    loss_fn = unet_loss_fn(text_encoder, tokenizer, NoiseSchedule(**SCHEDULE), uncond_probability=uncond_probability,
+                           texts=texts)
     result = train(unet, loss_fn, (latents, labels), train_config, state_file=state_file)
     return result.ema.eval(), result
 

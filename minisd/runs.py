@@ -89,17 +89,28 @@ def _plan(config: dict, out: Path, stages, resume: bool) -> list[str]:
 
 
 def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, device: str = "auto",
-              progress: bool = True, log=print, resume: bool = False) -> dict:
+              progress: bool = True, log=print, resume: bool = False, train_options: dict | None = None,
+              dataset: str | None = None, data_root: str = "data") -> dict:
     """Train the given stages into run folder `out` (created if needed); returns metrics.json's content.
 
     preset: None means 'cpu' for a new run and the run's own preset when resuming.
     resume: continue an interrupted run from its saved training state (train_state/): stages
     already finished are kept, the interrupted one goes on from its last saved step and ends with
     the same weights as an uninterrupted run. Without it, the asked-for stages train afresh.
+
+    dataset: 'shapes' (the default for a new run), 'mnist', 'fashion-mnist', 'cifar10' (read from
+    `data_root`), or the path of a folder of your own captioned images (see
+    `minisd.data.load_dataset`); a run keeps the dataset it was started with.
+    train_options: `TrainConfig` speed switches for every stage, e.g. {"compile": True,
+    "channels_last": True} (see `minisd bench switches` for what each is worth on this machine).
+
+    Under torchrun (several processes, see `minisd.distributed`) every process trains every stage
+    on its slice of each batch; rank 0 alone writes files and prints, and the others wait for it.
     """
     import minisd
+    from minisd import distributed
     from minisd.pipeline import SCHEDULE
-    from minisd.train import PRESETS
+    from minisd.train import IMAGE_SIZES, PRESETS, pick_device
 
     if preset is not None:
         check_choice("preset", preset, PRESETS)
@@ -107,28 +118,47 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
     for s in stages:
         check_choice("stage", s, STAGES)
     out = Path(out)
+    rank, size = distributed.setup(pick_device(device))
+    main = rank == 0
+    if not main:
+        log, progress = (lambda *a, **k: None), False
     config = _check_run_folder(out, preset, resume)
     check_choice("preset", config.get("preset"), PRESETS)
     if resume:
         seed = config.get("seed", seed)
     todo = _plan(config, out, stages, resume)
+    if dataset is not None and config["stages"] and dataset != config.get("dataset", "shapes"):
+        raise MinisdError(f"{str(out)!r} holds a run trained on {config.get('dataset')!r}, not {dataset!r}; "
+                          "choose another --out")
+    if not config["stages"] and dataset is not None:
+        config.update(dataset=dataset, data_root=str(data_root))
+    data = _load_training_data(config)  # before anything is written: a missing dataset fails first
+    config["example_caption"] = "a large red circle in the center" if data is None else data.texts[0]
+    distributed.barrier()  # every process has read the folder as it was before rank 0 writes to it
+    if size > 1:
+        log(f"training on {size} processes ({torch.distributed.get_backend()}), rank 0 writes")
     for stage in todo:  # not finished until trained again: an interruption now leaves them to --resume
         config["stages"].pop(stage, None)
-    out.mkdir(parents=True, exist_ok=True)  # runs/NAME: the runs/ folder is made too
-    config.update(seed=seed, pipeline={"schedule": SCHEDULE, "image_size": 32, "prediction_type": "epsilon"},
+    image_size = IMAGE_SIZES[config["preset"]]
+    config.update(seed=seed, pipeline={"schedule": SCHEDULE, "image_size": image_size, "prediction_type": "epsilon"},
                   versions={"minisd": minisd.__version__, "torch": torch.__version__,
                             "python": platform.python_version()})
-    write_json(out / "config.json", config)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)  # runs/NAME: the runs/ folder is made too
+        write_json(out / "config.json", config)
     metrics = read_json(out / "metrics.json", missing={})
     metrics.setdefault("train", {})
     for stage in todo:
         state_file = out / "train_state" / f"{stage}.safetensors"
-        if not resume:
+        if not resume and main:
             state_file.unlink(missing_ok=True)
         elif state_file.is_file():
             log(f"{stage}: resuming from {state_file}")
+        distributed.barrier()  # no process may read a stale state file
         begin = time.perf_counter()
-        result = _train_stage(stage, out, config, seed, device, progress, state_file, log)
+        result = _train_stage(stage, out, config, seed, device, progress, state_file, log, main,
+                              train_options or {}, data)
+        distributed.barrier()  # the stage's files are written before anyone reads them
         wall = time.perf_counter() - begin
         metrics["train"][stage] = {
             "seconds": round(result.seconds, 1),  # the training steps, over every session
@@ -138,31 +168,54 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
         metrics["train"]["total_wall_seconds"] = round(sum(metrics["train"][s]["wall_seconds"]
                                                            for s in STAGES if s in metrics["train"]), 1)
         log(f"{stage}: trained in {wall:.0f} s, final loss {result.smoothed()[-1]:.4f}")
-        write_json(out / "config.json", config)
-        write_json(out / "metrics.json", metrics)
-        state_file.unlink(missing_ok=True)
-    if (out / "train_state").is_dir() and not any((out / "train_state").iterdir()):
+        if main:
+            write_json(out / "config.json", config)
+            write_json(out / "metrics.json", metrics)
+            state_file.unlink(missing_ok=True)
+    if main and (out / "train_state").is_dir() and not any((out / "train_state").iterdir()):
         (out / "train_state").rmdir()
     return metrics
 
 
-def _train_stage(stage: str, out: Path, config: dict, seed: int, device: str, progress: bool, state_file, log):
-    """Train one stage, save its component(s) and record its config in `config`."""
+def _load_training_data(config: dict):
+    """The run's training images as `CaptionedImages`, or None for Shapes (each stage renders its own)."""
+    from minisd.data import load_dataset
+    from minisd.train import IMAGE_SIZES
+
+    name = config.get("dataset", "shapes")
+    if name == "shapes":
+        return None
+    return load_dataset(name, "train", root=config.get("data_root", "data"),
+                        image_size=IMAGE_SIZES[config["preset"]], seed=config.get("seed", 0))
+
+
+def _train_stage(stage: str, out: Path, config: dict, seed: int, device: str, progress: bool, state_file, log,
+                 main: bool = True, options: dict | None = None, data=None):
+    """Train one stage, save its component(s) (if `main`: rank 0) and record its config in `config`.
+    data: the training images when the run is not on Shapes (`_load_training_data`)."""
+    from minisd import distributed
+
     preset = config["preset"]
     if stage == "vae":
-        from minisd.vae import train_vae
+        from minisd.vae import PRESET_IMAGES, train_vae
 
-        model, result = train_vae(preset, seed=seed, device=device, progress=progress, state_file=state_file)
-        model.save_pretrained(out / "vae")
+        images = None if data is None else data.images[:PRESET_IMAGES[preset]]
+        model, result = train_vae(preset, images, seed=seed, device=device, progress=progress, state_file=state_file,
+                                  train_options=options)
+        if main:
+            model.save_pretrained(out / "vae")
         config["stages"]["vae"] = asdict(model.config)
     elif stage == "clip":
-        from minisd.clip import train_clip
+        from minisd.clip import CLIP_IMAGES, train_clip
 
+        extra = {} if data is None else {"images": data.images[:CLIP_IMAGES[preset]],
+                                         "labels": data.caption_ids[:CLIP_IMAGES[preset]], "texts": data.texts}
         model, tokenizer, result = train_clip(preset, seed=seed, device=device, progress=progress,
-                                              state_file=state_file)
-        tokenizer.save(out / "tokenizer.json")
-        model.text_encoder.save_pretrained(out / "text_encoder")
-        model.save_pretrained(out / "clip")
+                                              state_file=state_file, train_options=options, **extra)
+        if main:
+            tokenizer.save(out / "tokenizer.json")
+            model.text_encoder.save_pretrained(out / "text_encoder")
+            model.save_pretrained(out / "clip")
         config["stages"]["clip"] = asdict(model.config)
     else:
         from minisd.clip import TextEncoder
@@ -175,13 +228,22 @@ def _train_stage(stage: str, out: Path, config: dict, seed: int, device: str, pr
         text_encoder = TextEncoder.from_pretrained(out / "text_encoder")
         tokenizer = Tokenizer.load(out / "tokenizer.json")
         begin = time.perf_counter()
-        latents, labels = cached_latents(out / "cache" / "latents.safetensors", out / "vae" / "model.safetensors",
-                                         vae, unet_presets()[preset][2], seed, progress=progress)
+        cache = out / "cache" / "latents.safetensors", out / "vae" / "model.safetensors"
+        size = config["pipeline"]["image_size"]
+        if main:  # rank 0 encodes and writes the cache; the others then read it
+            latents, labels = cached_latents(*cache, vae, unet_presets()[preset][2], seed, progress=progress,
+                                             image_size=size, dataset=data)
+        distributed.barrier()
+        if not main:
+            latents, labels = cached_latents(*cache, vae, unet_presets()[preset][2], seed, image_size=size,
+                                             dataset=data)
         log(f"unet: {len(latents)} training images as latents {tuple(latents.shape[1:])} "
             f"in {time.perf_counter() - begin:.0f} s (cached in {out / 'cache'})")
         model, result = train_unet(preset, vae, text_encoder, tokenizer, latents=latents, labels=labels, seed=seed,
-                                   device=device, progress=progress, state_file=state_file)
-        model.save_pretrained(out / "unet")
+                                   device=device, progress=progress, state_file=state_file, train_options=options,
+                                   texts=None if data is None else data.texts)
+        if main:
+            model.save_pretrained(out / "unet")
         config["stages"]["unet"] = asdict(model.config)
     return result
 
@@ -204,6 +266,11 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> 
     present = [s for s in STAGES if (run / s).exists()]  # each stage's component lives in a folder of its name
     if not present:
         raise MinisdError(f"{str(run)!r} has no trained component (looked for {', '.join(s + '/' for s in STAGES)})")
+    run_config = read_json(run / "config.json", missing={})
+    if run_config.get("dataset", "shapes") != "shapes":
+        raise MinisdError(f"{str(run)!r} was trained on {run_config['dataset']!r}; `minisd eval` measures Shapes runs "
+                          "(its judge reads colour, shape, size and position). Look at samples with `minisd sample`")
+    image_size = run_config.get("pipeline", {}).get("image_size", 32)
     models = {}  # load everything first: a damaged file fails before minutes of evaluation
     if "vae" in present:
         from minisd.vae import VAE, evaluate_vae, format_vae_metrics
@@ -224,7 +291,7 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> 
     for stage in present:
         for part in dict.fromkeys([split, "heldout"]):
             if stage == "vae":
-                result = evaluate_vae(models["vae"], split=part)
+                result = evaluate_vae(models["vae"], split=part, image_size=image_size)
                 lines = format_vae_metrics(result).splitlines()
                 figures[f"vae/{part}"] = result
             elif stage == "clip":

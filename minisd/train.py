@@ -18,9 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minisd.distributed import mean_over_processes, setup, shard
 from minisd.errors import MinisdError, check_choice
 
 PRESETS = ("tiny", "cpu", "gpu")
+IMAGE_SIZES = {"tiny": 32, "cpu": 32, "gpu": 64}  # the side of the images each preset trains on
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -60,6 +62,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (see `EMA`)
     save_every: int = 0  # with a state file: save the training state every this many steps (0: 20 times a run)
     mixed_precision: bool = True  # on CUDA, run the forward pass in bfloat16 (autocast); CPU stays float32
+    fused_optimizer: bool = True  # on CUDA, AdamW's fused kernel (one launch for all parameters)
+    channels_last: bool = False  # store the model and 4-D batches as NHWC (faster convolutions on some hardware)
+    compile: bool = False  # torch.compile the model for the training steps (a minute of compiling first)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -119,9 +124,15 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _to(x: torch.Tensor, device: torch.device, memory_format) -> torch.Tensor:
+    if x.dim() == 4 and x.is_floating_point():
+        return x.to(device, non_blocking=True, memory_format=memory_format)
+    return x.to(device, non_blocking=True)
+
+
 def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.Tensor, ...],
           config: TrainConfig, hook: Callable[[int, float], None] | None = None,
-          state_file=None) -> TrainResult:
+          state_file=None, shard_batch: bool = True) -> TrainResult:
     """Train `model` in place for `config.steps` steps of AdamW on random batches of `data`.
 
     data: a tensor (N, …) or a tuple of tensors sharing N, held in memory; each step draws
@@ -132,6 +143,12 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
           random state) every `config.save_every` steps; if the file exists, training continues
           from it, and ends exactly where an uninterrupted run would (on the CPU). The caller
           deletes it once the finished weights are saved.
+
+    Started by torchrun on several processes (see `minisd.distributed`), each process computes
+    its slice of every global batch and the gradients are averaged, so the weights end as one
+    process would leave them. shard_batch=False: every process computes the whole batch instead
+    (for a loss that compares all rows with each other, like CLIP's), which also keeps them equal.
+    Only rank 0 saves the state file.
     """
     from minisd.checkpoint import load_train_state, save_train_state
 
@@ -140,9 +157,19 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
     n = len(tensors[0])
     if any(len(x) != n for x in tensors):
         raise MinisdError(f"data tensors have different lengths {[len(x) for x in tensors]}")
+    rank, size = setup(device)
+    if size > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if shard_batch and config.batch_size % size:
+        raise MinisdError(f"batch_size {config.batch_size} does not split evenly over {size} processes; "
+                          f"use a multiple of {size}")
+    local = config.batch_size // size if shard_batch else config.batch_size
     generator = torch.Generator().manual_seed(config.seed)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format).train()
+    fused = config.fused_optimizer and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  **({"fused": True} if fused else {}))
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
     result, first = TrainResult(), 0
     if state_file is not None and Path(state_file).is_file():
@@ -151,34 +178,44 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
         result.resumed_from, result.resumed_seconds = first, result.seconds
     save_every = config.save_every or max(1, config.steps // 20)
     autocast = config.mixed_precision and device.type == "cuda"  # weights and optimiser stay float32
+    # What the loss calls: the model itself, wrapped to average gradients over processes, compiled.
+    runner = model
+    if size > 1 and shard_batch:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        runner = torch.compile(runner)
     start = time.perf_counter() - result.seconds
-    bar = tqdm(range(first, config.steps), desc=config.desc, disable=not config.progress,
+    bar = tqdm(range(first, config.steps), desc=config.desc, disable=not config.progress or rank != 0,
                initial=first, total=config.steps)
-    for step in bar:
-        for group in optimizer.param_groups:  # warm-up, then cosine decay
-            group["lr"] = config.lr * lr_factor(step, config)
-        idx = torch.randint(0, n, (config.batch_size,), generator=generator)
-        batch = tuple(x[idx].to(device, non_blocking=True) for x in tensors)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(model, batch if isinstance(data, tuple) else batch[0], generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model, step)
-        result.losses.append(loss.item())
-        if step % 25 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{result.smoothed()[-1]:.4f}")
-        if hook is not None:
-            hook(step, result.losses[-1])
-        if state_file is not None and (step + 1) % save_every == 0 and step + 1 < config.steps:
-            result.seconds = time.perf_counter() - start
-            save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
-                             generator, asdict(config))
+    with shard(rank, size if shard_batch else 1):
+        for step in bar:
+            for group in optimizer.param_groups:  # warm-up, then cosine decay
+                group["lr"] = config.lr * lr_factor(step, config)
+            idx = torch.randint(0, n, (config.batch_size,), generator=generator)  # the global batch
+            idx = idx[rank * local:(rank + 1) * local] if shard_batch else idx  # … this process's rows
+            batch = tuple(_to(x[idx], device, memory_format) for x in tensors)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(runner, batch if isinstance(data, tuple) else batch[0], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # with several processes, the gradients are averaged over them here
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model, step)
+            result.losses.append(mean_over_processes(loss.detach()).item())
+            if step % 25 == 0 or step == config.steps - 1:
+                bar.set_postfix(loss=f"{result.smoothed()[-1]:.4f}")
+            if hook is not None:
+                hook(step, result.losses[-1])
+            if state_file is not None and (step + 1) % save_every == 0 and step + 1 < config.steps and rank == 0:
+                result.seconds = time.perf_counter() - start
+                save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
+                                 generator, asdict(config))
     result.seconds = time.perf_counter() - start
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     if ema is not None:
-        result.ema = ema.model
+        result.ema = ema.model.to(memory_format=torch.contiguous_format)
     return result

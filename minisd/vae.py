@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisd.distributed import rows
 from minisd.errors import MinisdError, check_choice
 from minisd.metrics import nearest_colour
 from minisd.unet import ResBlock  # the U-Net's residual block, without a timestep
@@ -99,8 +100,10 @@ class DiagonalGaussian:
         network, so gradients flow to mean and std (Kingma & Welling 2014, sec. 2.4)."""
         if self.deterministic:
             return self.mean
+        # `rows`: in data-parallel training, this process's rows of a draw for the whole global batch
         device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        shape, dtype = self.mean.shape, self.mean.dtype
+        eps = rows(lambda m: torch.randn((m, *shape[1:]), generator=generator, device=device, dtype=dtype), shape[0])
         return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
@@ -281,7 +284,7 @@ def vae_loss(model: VAE, x: torch.Tensor, beta: float, generator: torch.Generato
     out = model(x, generator)
     D = x[0].numel()
     recon = (out.reconstruction - x).pow(2).flatten(1).sum(1).mean() / D
-    if not model.config.variational:
+    if out.posterior.deterministic:  # a plain autoencoder (asked of the output: `model` may be wrapped)
         return recon, {"recon": recon.item(), "kl": float("nan")}
     kl = out.posterior.kl().mean() / D
     return recon + beta * kl, {"recon": recon.item(), "kl": kl.item()}
@@ -426,16 +429,19 @@ PRESET_IMAGES = {name: p[3] for name, p in _PRESETS.items()}  # name → trainin
 
 def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: float | None = None,
               variational: bool = True, steps: int | None = None, seed: int = 0, device: str = "auto",
-              progress: bool = True, config: VAEConfig | None = None, state_file=None):
+              progress: bool = True, config: VAEConfig | None = None, state_file=None,
+              train_options: dict | None = None):
     """Train a VAE (or, with variational=False, a plain autoencoder) with `minisd.train.train`.
 
-    images: uint8 (N, C, S, S); by default `PRESET_IMAGES[preset]` Shapes train images of side 32.
+    images: uint8 (N, C, S, S); by default `PRESET_IMAGES[preset]` Shapes train images of the
+    preset's side (`minisd.train.IMAGE_SIZES`: 32, or 64 for 'gpu').
     beta, steps, config: override the preset's. At the end the scale factor is computed on up to
     2048 of the training images and stored in the config. state_file: see `minisd.train.train`
-    (resume). Returns (vae, TrainResult).
+    (resume). train_options: other `TrainConfig` fields, e.g. {"compile": True}.
+    Returns (vae, TrainResult).
     """
     from minisd.data import Shapes, normalize
-    from minisd.train import PRESETS, train
+    from minisd.train import IMAGE_SIZES, PRESETS, train
 
     check_choice("preset", preset, PRESETS)
     vae_config, train_config, preset_beta, n_images = VAE_PRESETS[preset] + (PRESET_IMAGES[preset],)
@@ -443,9 +449,9 @@ def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: 
     vae_config = dataclasses.replace(config or vae_config, variational=variational, scale_factor=1.0)
     train_config = dataclasses.replace(train_config, seed=seed, device=device, progress=progress,
                                        **({} if steps is None else {"steps": steps}),
-                                       desc="VAE" if variational else "autoencoder")
+                                       desc="VAE" if variational else "autoencoder", **(train_options or {}))
     if images is None:
-        images = Shapes("train", n_images, seed=seed).images
+        images = Shapes("train", n_images, image_size=IMAGE_SIZES[preset], seed=seed).images
     if images.dtype != torch.uint8:
         raise MinisdError(f"images must be uint8 (N, C, S, S), got {images.dtype}")
     torch.manual_seed(seed)  # the initial weights

@@ -87,3 +87,12 @@ def test_prompt_accuracy_and_fid_of_a_perfect_and_of_a_red_only_painter(judge):
     assert wrong["color"] == pytest.approx(asked_red, abs=0.03) and wrong["all"] <= wrong["color"]
     assert wrong["shape"] >= 0.97
     assert wrong["fid"] > 3 * perfect["fid"]
+
+
+def test_the_judge_reads_the_gpu_presets_64_pixel_images_by_averaging_them_down(judge):
+    from minisd.data import Shapes
+
+    model, _ = judge
+    ds = Shapes("test", 500, image_size=64, seed=3)  # the `gpu` preset's size; the judge was trained at 32
+    read, feats = model.read(ds.images)
+    assert (read == ds.labels).float().mean(0).min() >= 0.98 and feats.shape == (500, model.config.feature_dim)
