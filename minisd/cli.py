@@ -1,11 +1,11 @@
 """The `minisd` command.
 
-    minisd data  --dataset shapes --out grid.png            a captioned preview of the built-in dataset
+    minisd data  --dataset shapes --out grid.png            a captioned preview of a dataset or folder
     minisd train  --preset cpu --out runs/cpu [--stages …] [--resume]   train the model into a run folder
     minisd sample --run runs/cpu --prompt "…" --out grid.png           a captioned grid of samples
     minisd eval   --run runs/cpu                  print (and store) each component's figures
     minisd export --run runs/cpu --out DIR        the sampling parts, weights in float16, to ship
-    minisd bench  [explorer]                      speed figures on this machine (table + bench.json)
+    minisd bench  [SUITE …] [--preset cpu] [--quick]  speed figures on this machine (table + bench.json)
 
 A user mistake prints one line `error: …` and exits with status 2; nothing on disk is touched.
 """
@@ -13,12 +13,13 @@ A user mistake prints one line `error: …` and exits with status 2; nothing on 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from minisd.data import DATASETS
 from minisd.errors import MinisdError, check_choice
 
-DATASETS = ("shapes",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
@@ -37,28 +38,37 @@ def _output_path(path: str) -> Path:
 
 
 def cmd_data(args) -> None:
-    from minisd.data import SPLITS, Shapes
+    from minisd.data import load_dataset
     from minisd.viz import save_figure, show_images
 
-    check_choice("dataset", args.dataset, DATASETS)
-    check_choice("split", args.split, SPLITS)
     if not 1 <= args.n <= 256:
         raise MinisdError(f"-n {args.n} is out of range; allowed: 1 … 256")
     out = _output_path(args.out)
-    ds = Shapes(args.split, num_images=args.n, image_size=args.image_size, seed=args.seed)
-    fig = show_images(ds.images, ds.captions, ncols=min(8, args.n), size=1.6,
-                      suptitle=f"Shapes ({args.split} split, seed {args.seed})")
+    ds = load_dataset(args.dataset, args.split, root=args.root, image_size=args.image_size,
+                      num_images=args.n, seed=args.seed, download=args.download)
+    n = len(ds)  # a folder may hold fewer than -n
+    titles = [c if len(c) <= 60 else c[:59] + "…" for c in ds.captions]
+    title = "Shapes" if ds.name == "shapes" else ds.name
+    suptitle = f"{title} ({ds.split} split" + (f", seed {args.seed})" if ds.name == "shapes" else ")")
+    fig = show_images(ds.images, titles, ncols=min(8, n), size=1.6, suptitle=suptitle)
     save_figure(fig, out)
-    print(f"wrote {out}: {args.n} {args.split} images of {args.image_size}×{args.image_size}")
+    print(f"wrote {out}: {n} {ds.split} images of {ds.image_size}×{ds.image_size} from {ds.name}")
 
 
 def cmd_train(args) -> None:
+    from minisd import distributed
     from minisd.runs import train_run
 
-    metrics = train_run(args.out, args.preset, args.stages, seed=args.seed, device=args.device, resume=args.resume)
-    print(f"wrote {args.out} in {metrics['train']['total_wall_seconds']:.0f} s of training; "
-          f"sample with `minisd sample --run {args.out} --prompt \"a large red circle in the center\" "
-          f"--out grid.png`, measure with `minisd eval --run {args.out}`")
+    options = {"compile": args.compile, "channels_last": args.channels_last}
+    metrics = train_run(args.out, args.preset, args.stages, seed=args.seed, device=args.device, resume=args.resume,
+                        train_options={k: v for k, v in options.items() if v}, dataset=args.dataset,
+                        data_root=args.root)
+    if distributed.is_main():
+        config = json.loads((Path(args.out) / "config.json").read_text())
+        shapes, prompt = config.get("dataset") == "shapes", config.get("example_caption", "…")
+        print(f"wrote {args.out} in {metrics['train']['total_wall_seconds']:.0f} s of training; "
+              f"sample with `minisd sample --run {args.out} --prompt \"{prompt}\" --out grid.png`"
+              + (f", measure with `minisd eval --run {args.out}`" if shapes else ""))
 
 
 def cmd_sample(args) -> None:
@@ -112,7 +122,8 @@ def cmd_export(args) -> None:
 def cmd_bench(args) -> None:
     from minisd.bench import format_table, run_bench
 
-    result = run_bench(args.suites, args.run, args.out, args.repeats, args.device)
+    result = run_bench(args.suites, args.run, args.out, args.repeats, args.device, preset=args.preset,
+                       compile=not args.no_compile, quick=args.quick)
     print(format_table(result))
     print(f"\nwrote {args.out}")
 
@@ -121,10 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="minisd", description="A small Stable Diffusion, built from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("data", help="write a captioned preview grid of a dataset")
-    d.add_argument("--dataset", default="shapes", help=f"one of {', '.join(DATASETS)}")
+    d.add_argument("--dataset", default="shapes", metavar="NAME_OR_FOLDER",
+                   help=f"one of {', '.join(DATASETS)}, or a folder of images with captions "
+                        "(NAME.txt beside each image, or captions.jsonl)")
+    d.add_argument("--root", default="data",
+                   help="where mnist, fashion-mnist and cifar10 are kept (default data)")
+    d.add_argument("--download", action="store_true",
+                   help="fetch mnist, fashion-mnist or cifar10 into --root first (needs internet)")
     d.add_argument("--out", required=True, help="image file to write (.png, .jpg, .pdf, .svg)")
-    d.add_argument("-n", type=int, default=32, help="how many images (default 32)")
-    d.add_argument("--split", default="train", help="train, test or heldout")
+    d.add_argument("-n", type=int, default=32, help="how many images, the first ones (default 32)")
+    d.add_argument("--split", default="train", help="train or test; shapes also has heldout")
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
@@ -141,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its saved state (same result as if never stopped)")
+    t.add_argument("--dataset", default=None,
+                   help="shapes (built in, the default), mnist, fashion-mnist, cifar10, or a folder of your own "
+                        "captioned images (image.png + image.txt, or captions.jsonl)")
+    t.add_argument("--root", default="data", help="where mnist, fashion-mnist and cifar10 are stored (default data/)")
+    t.add_argument("--compile", action="store_true", help="torch.compile each model for training (compiles first)")
+    t.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
     t.set_defaults(func=cmd_train)
 
     from minisd.pipeline import SAMPLER_NAMES
@@ -176,17 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per measure; the median is shown")
     b.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    b.add_argument("--preset", default=None,
+                   help="whose U-Net sizes the unet, latent, attention, switches and mfu suites use: "
+                        "tiny, cpu (the default) or gpu")
+    b.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (faster)")
+    b.add_argument("--quick", action="store_true",
+                   help="a smoke run: tiny preset sizes, 2 timed steps, few images (for tests)")
     b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minisd import distributed
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except MinisdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():  # under torchrun every process finds the same mistake: say it once
+            print(f"error: {e}", file=sys.stderr)
+        distributed.teardown(wait=False)
         return 2
+    distributed.teardown()  # under torchrun: leave the process group together, cleanly
     return 0
 
 

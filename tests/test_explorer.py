@@ -210,7 +210,7 @@ def test_bench_command_times_the_explorer_and_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = result["suites"]["explorer"]
     assert result["machine"]["torch_threads"] >= 1 and len(rows) == 6
-    assert all(r["seconds"] > 0 for r in rows)
+    assert all(r["value"] > 0 and r["unit"] == "s" and not r["higher_is_better"] for r in rows)
     for argv, says in ((["bench", "pixels"], "unknown bench suite 'pixels'"),
                        (["bench", "--repeats", "0"], "repeats 0 is not allowed"),
                        (["bench", "--out", str(tmp_path / "no" / "b.json")], "does not exist")):
