@@ -646,7 +646,7 @@ def run_bench(suites, run: str = "shapes-cpu", out=None, repeats: int = 3, devic
             from minisd.pipeline import StableDiffusion
 
             result["suites"]["explorer"] = bench_explorer(StableDiffusion.from_pretrained(run, device=device),
-                                                          repeats)
+                                                          repeats, steps=10 if quick else 50)
         else:
             result["suites"][suite] = SUITE_FUNCTIONS[suite](settings)
         if log is not None:

@@ -204,9 +204,9 @@ def test_bench_command_times_the_explorer_and_writes_json(tmp_path, capsys):
     from minisd.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "explorer", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["bench", "explorer", "--quick", "--repeats", "1", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "press Run: 50 ddim steps, guidance 4" in table and "redraw" in table
+    assert "press Run: 10 ddim steps, guidance 4" in table and "redraw" in table  # quick: 10 steps, not 50
     result = json.loads(out.read_text())
     rows = result["suites"]["explorer"]
     assert result["machine"]["torch_threads"] >= 1 and len(rows) == 6
