@@ -24,6 +24,7 @@ from minisd.errors import MinisdError, check_choice
 PRESETS = ("tiny", "cpu", "gpu")
 IMAGE_SIZES = {"tiny": 32, "cpu": 32, "gpu": 64}  # the side of the images each preset trains on
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ON_DEVICE_BYTES = 4 << 30  # training data up to this size is copied to the GPU once (Shapes, cached latents)
 
 
 def pick_preset() -> str:
@@ -164,6 +165,8 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
         raise MinisdError(f"batch_size {config.batch_size} does not split evenly over {size} processes; "
                           f"use a multiple of {size}")
     local = config.batch_size // size if shard_batch else config.batch_size
+    if device.type == "cuda" and sum(x.numel() * x.element_size() for x in tensors) < ON_DEVICE_BYTES:
+        tensors = tuple(x.to(device) for x in tensors)  # the data on the GPU once: no batch waits for the host
     generator = torch.Generator().manual_seed(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
@@ -195,7 +198,7 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
                 group["lr"] = config.lr * lr_factor(step, config)
             idx = torch.randint(0, n, (config.batch_size,), generator=generator)  # the global batch
             idx = idx[rank * local:(rank + 1) * local] if shard_batch else idx  # … this process's rows
-            batch = tuple(_to(x[idx], device, memory_format) for x in tensors)
+            batch = tuple(_to(x[idx.to(x.device)], device, memory_format) for x in tensors)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(runner, batch if isinstance(data, tuple) else batch[0], generator)
             optimizer.zero_grad(set_to_none=True)
