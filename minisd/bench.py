@@ -237,7 +237,8 @@ def _compile(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-def _sizes(settings: Settings) -> Sizes:
+def timed_sizes(settings: Settings) -> Sizes:
+    """The preset's sizes as the suites time them (quick: at most 8 images a batch)."""
     sizes = preset_sizes(settings.preset)
     if settings.quick:  # a few images per step
         sizes = dataclasses.replace(sizes, batch=min(sizes.batch, 8))
@@ -297,7 +298,7 @@ def bench_explorer(sd, repeats: int = 3, steps: int = 50, guidance: float = 4.0)
 def bench_unet(settings: Settings) -> list[dict]:
     """minisd's U-Net against diffusers' at the same configuration: training images/s and the ratio."""
     _need_diffusers()
-    sizes = _sizes(settings)
+    sizes = timed_sizes(settings)
     ours = _minisd_unet(sizes.unet, settings)
     torch.manual_seed(0)
     theirs = diffusers_unet(sizes.unet, sizes.side).to(settings.device).train()
@@ -399,7 +400,7 @@ def bench_latent(settings: Settings) -> list[dict]:
     """The preset's U-Net on latents against the same widths on pixels (3 channels, full size)."""
     from minisd.vae import VAE
 
-    sizes = _sizes(settings)
+    sizes = timed_sizes(settings)
     slow = not (settings.cuda or settings.quick)  # a pixel step of the cpu preset takes ~20 s on 2 CPU cores
     pixel_config = dataclasses.replace(sizes.unet, in_channels=3, out_channels=3)
     models = {"latent": (_minisd_unet(sizes.unet, settings), sizes.side, sizes.unet),
@@ -479,7 +480,7 @@ def bench_attention(settings: Settings) -> list[dict]:
     """Written-out against fused attention: the U-Net's training step, and the op alone."""
     from minisd.attention import set_attention_options
 
-    sizes = _sizes(settings)
+    sizes = timed_sizes(settings)
     models = {}
     for fused in (False, True):
         models[fused] = _minisd_unet(sizes.unet, settings)
@@ -506,7 +507,7 @@ def fused_adamw_works(device) -> bool:
 
 def bench_switches(settings: Settings) -> list[dict]:
     """The minisd U-Net's training step with each speed switch added to eager float32 + AdamW."""
-    sizes = _sizes(settings)
+    sizes = timed_sizes(settings)
     base = _minisd_unet(sizes.unet, settings)
     inputs = training_inputs(sizes.unet, sizes.batch, sizes.side, sizes.context_length, settings.device)
     last = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in inputs.items()}
@@ -549,11 +550,23 @@ def bench_switches(settings: Settings) -> list[dict]:
 
 def train_step_flops(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> int:
     """FLOPs of one forward + backward, `loss_fn(model).backward()`, counted by
-    `torch.utils.flop_counter.FlopCounterMode` (matrix products and convolutions; a multiply-add is 2)."""
+    `torch.utils.flop_counter.FlopCounterMode` (matrix products and convolutions; a multiply-add is 2).
+    Counted with the written-out attention: FlopCounterMode has no formula for the CPU's fused
+    attention kernel and would count it as 0; the written-out one does the same products."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(model).backward()
+    from minisd.attention import MultiHeadAttention
+
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    fused = [m.fused for m in layers]
+    for m in layers:
+        m.fused = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss_fn(model).backward()
+    finally:
+        for m, f in zip(layers, fused):
+            m.fused = f
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -567,7 +580,7 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 def bench_mfu(settings: Settings) -> list[dict]:
     """Achieved FLOP/s of the U-Net's training step, and on CUDA its share of the card's peak."""
-    sizes = _sizes(settings)
+    sizes = timed_sizes(settings)
     model = _minisd_unet(sizes.unet, settings)
     inputs = training_inputs(sizes.unet, sizes.batch, sizes.side, sizes.context_length, settings.device)
 
