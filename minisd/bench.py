@@ -233,10 +233,6 @@ def throughput(steps: dict[str, Callable[[], None]], batch: int, settings: Setti
     return {name: batch * block / statistics.median(b) for name, b in blocks.items()}, warm
 
 
-def _compile(model: nn.Module) -> nn.Module:
-    return torch.compile(model)
-
-
 def timed_sizes(settings: Settings) -> Sizes:
     """The preset's sizes as the suites time them (quick: at most 8 images a batch)."""
     sizes = preset_sizes(settings.preset)
@@ -311,7 +307,7 @@ def bench_unet(settings: Settings) -> list[dict]:
     rows = [row("minisd UNet: parameters", n_ours, "params", note=f"diffusers: {n_theirs:,}"),
             row("diffusers UNet2DConditionModel: parameters", n_theirs, "params",
                 note=f"{(n_theirs - n_ours) / n_ours:+.2%} vs minisd")]
-    variants = [("eager", lambda m: m)] + ([("compiled", _compile)] if settings.compile else [])
+    variants = [("eager", lambda m: m)] + ([("compiled", torch.compile)] if settings.compile else [])
     for label, wrap in variants:
         steps = {"minisd": train_step(wrap(ours), call_minisd, inputs, settings),
                  "diffusers": train_step(wrap(theirs), call_diffusers, inputs, settings)}
@@ -522,13 +518,13 @@ def bench_switches(settings: Settings) -> list[dict]:
     else:
         unavailable["fused AdamW"] = f"unavailable on {settings.device.type} in torch {torch.__version__}"
     if settings.compile:
-        steps["torch.compile"] = train_step(_compile(copy.deepcopy(base)), call_minisd, inputs, settings, bf16=False)
+        steps["torch.compile"] = train_step(torch.compile(copy.deepcopy(base)), call_minisd, inputs, settings, bf16=False)
     else:
         unavailable["torch.compile"] = "skipped (--no-compile)"
     if settings.cuda:
         steps["bf16 autocast"] = train_step(copy.deepcopy(base), call_minisd, inputs, settings, bf16=True)
         all_on = copy.deepcopy(base).to(memory_format=torch.channels_last)
-        steps["all of them"] = train_step(_compile(all_on) if settings.compile else all_on, call_minisd, last,
+        steps["all of them"] = train_step(torch.compile(all_on) if settings.compile else all_on, call_minisd, last,
                                           settings, bf16=True, fused_adamw=fused_ok)
     else:
         unavailable["bf16 autocast"] = "needs CUDA"
@@ -590,7 +586,7 @@ def bench_mfu(settings: Settings) -> list[dict]:
 
     flops = train_step_flops(model, loss_fn)
     # compiled only on CUDA: on CPU compiling costs minutes and gains little (see the switches suite)
-    variants = [("eager", model)] + ([("compiled", _compile(model))] if settings.compile and settings.cuda else [])
+    variants = [("eager", model)] + ([("compiled", torch.compile(model))] if settings.compile and settings.cuda else [])
     speed, _ = throughput({label: train_step(m, call_minisd, inputs, settings) for label, m in variants},
                           sizes.batch, settings, warmup=3 if settings.compile else 2)
     rows = [row("U-Net training step: FLOPs (forward + backward)", flops / 1e9, "GFLOP",
