@@ -15,6 +15,9 @@ Suites:
                channels-last, fused AdamW, torch.compile, bf16 autocast (CUDA).
     mfu        FLOPs of one U-Net training step (FlopCounterMode) over its measured time; on
                CUDA also the model FLOPs utilisation against the card's peak dense bf16 rate.
+    host       per training step of each stage, the time of everything but the networks'
+               arithmetic (the loop, the loss, random draws, captions, launches, syncs), at the
+               `gpu` preset's batch sizes unless --preset is given (see `minisd.bench_host`).
 
 Every figure is a row {what, value, unit, target (or None), higher_is_better, note}. Times are
 medians over `repeats` timed runs after warm-up; wall-clock on the CPU threads torch uses here
@@ -40,7 +43,7 @@ from torch import nn
 
 from minisd.errors import MinisdError, check_choice, check_count
 
-SUITES = ("explorer", "unet", "sampling", "latent", "attention", "switches", "mfu")
+SUITES = ("explorer", "unet", "sampling", "latent", "attention", "switches", "mfu", "host")
 EXPLORER_TARGETS = {"run_seconds": 10.0, "redraw_seconds": 0.3}  # issue 7: 50 guided steps; one slider move
 UNET_RATIO_TARGETS = {"cpu": 1.0, "cuda": 1.2}  # minisd / diffusers images/s, eager (cpu: the cpu preset)
 SAMPLING_TARGET_SECONDS = 10.0  # 64 images, 50 guided DDIM steps, the shipped cpu model
@@ -76,6 +79,7 @@ class Settings:
     quick: bool = False
     repeats: int = 3
     run: str = "shapes-cpu"
+    host_preset: str = "gpu"  # the host suite's preset: gpu unless one is named
 
     @property
     def cuda(self) -> bool:
@@ -606,8 +610,15 @@ def bench_mfu(settings: Settings) -> list[dict]:
     return rows
 
 
+def _bench_host(settings: Settings) -> list[dict]:
+    from minisd.bench_host import bench_host
+
+    return bench_host(dataclasses.replace(settings, preset=settings.host_preset))
+
+
 SUITE_FUNCTIONS = {"unet": bench_unet, "sampling": bench_sampling, "latent": bench_latent,
-                   "attention": bench_attention, "switches": bench_switches, "mfu": bench_mfu}
+                   "attention": bench_attention, "switches": bench_switches, "mfu": bench_mfu,
+                   "host": _bench_host}
 
 
 def run_bench(suites, run: str = "shapes-cpu", out=None, repeats: int = 3, device: str = "cpu",
@@ -622,6 +633,7 @@ def run_bench(suites, run: str = "shapes-cpu", out=None, repeats: int = 3, devic
     for s in suites:
         check_choice("bench suite", s, SUITES)
     check_count("repeats", repeats, 1, 100)
+    host_preset = preset or ("tiny" if quick else "gpu")
     preset = preset or ("tiny" if quick else "cpu")
     check_choice("preset", preset, PRESETS)
     if out is not None and not Path(out).parent.exists():
@@ -638,7 +650,7 @@ def run_bench(suites, run: str = "shapes-cpu", out=None, repeats: int = 3, devic
         except MinisdError as e:
             suites.remove("unet")
             skipped["unet"] = str(e)
-    settings = Settings(preset, dev, compile, quick, repeats, str(run))
+    settings = Settings(preset, dev, compile, quick, repeats, str(run), host_preset)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},

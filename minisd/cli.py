@@ -59,7 +59,8 @@ def cmd_train(args) -> None:
     from minisd import distributed
     from minisd.runs import train_run
 
-    options = {"compile": args.compile, "channels_last": args.channels_last}
+    options = {"compile": args.compile, "channels_last": args.channels_last,
+               "precision": None if args.precision == "auto" else args.precision}
     metrics = train_run(args.out, args.preset, args.stages, seed=args.seed, device=args.device, resume=args.resume,
                         train_options={k: v for k, v in options.items() if v}, dataset=args.dataset,
                         data_root=args.root)
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--root", default="data", help="where mnist, fashion-mnist and cifar10 are stored (default data/)")
     t.add_argument("--compile", action="store_true", help="torch.compile each model for training (compiles first)")
     t.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
+    t.add_argument("--precision", default="auto",
+                   help="forward pass number format: auto = bf16 on GPUs with compute capability ≥ 8.0, "
+                        "fp16 + gradient scaling on older GPUs, fp32 on the CPU; or bf16, fp16, fp32")
     t.set_defaults(func=cmd_train)
 
     from minisd.pipeline import SAMPLER_NAMES

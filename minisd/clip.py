@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from minisd.attention import TransformerBlock
-from minisd.errors import MinisdError, check_choice
+from minisd.errors import MinisdError, cheap_to_read, check_choice
 
 IMAGE_ENCODERS = ("vit", "cnn")
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned scale at 100 so training stays stable
@@ -99,6 +99,13 @@ class TextOutput(NamedTuple):
     mask: torch.Tensor  # (B, L) bool, True for real tokens
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding table: a clear error instead of an index error."""
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise MinisdError(f"token ids must lie in 0 … {vocab_size - 1}, got "
+                          f"{int(ids.min())} … {int(ids.max())}; was the tokenizer built for this model?")
+
+
 class TextEncoder(nn.Module):
     """Token + position embeddings → transformer blocks (causal self-attention) → LayerNorm.
 
@@ -119,9 +126,8 @@ class TextEncoder(nn.Module):
         B, L = ids.shape
         if L > self.config.max_length:
             raise MinisdError(f"token sequence of length {L} is longer than max_length {self.config.max_length}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise MinisdError(f"token ids must lie in 0 … {self.config.vocab_size - 1}, got "
-                              f"{int(ids.min())} … {int(ids.max())}; was the tokenizer built for this model?")
+        if cheap_to_read(ids):  # on a GPU, ids are checked on the CPU before they are sent (encode_prompts)
+            check_token_ids(ids, self.config.vocab_size)
         x = self.token_embedding(ids) + self.position_embedding[:L]  # (B, L, width)
         self_mask = causal_mask(L, ids.device) if self.config.causal else mask[:, None, None, :]
         for block in self.blocks:
@@ -198,7 +204,7 @@ def contrastive_loss(logits: torch.Tensor, matches: torch.Tensor | None = None) 
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     m = matches.float()
-    if (m.sum(0) == 0).any() or (m.sum(1) == 0).any():
+    if cheap_to_read(m) and ((m.sum(0) == 0).any() or (m.sum(1) == 0).any()):
         raise MinisdError("every image and every text needs at least one match")
     image_to_text = -(m / m.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
     text_to_image = -(m / m.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
@@ -346,22 +352,35 @@ def clip_presets():
 CLIP_IMAGES = {"tiny": 2_000, "cpu": 20_000, "gpu": 20_000}  # training images drawn by default
 
 
+def caption_fits(labels: torch.Tensor, mentioned: torch.Tensor) -> torch.Tensor:
+    """matches (B_img, B_txt) bool: image i fits caption j if they agree on every attribute caption j
+    states — i.e. `((labels[:, None] == labels[None]) | ~mentioned[None]).all(-1)`, computed as one
+    comparison of codes: each image's labels with the attributes caption j leaves out set to 0, as
+    one number (2⁴ = 16 versions per image), against caption j's own."""
+    from minisd.captions import LABEL_COUNTS, mixed_radix
+
+    keep = torch.arange(16, device=labels.device)[:, None] >> torch.arange(4, device=labels.device) & 1  # (16, 4)
+    image_codes = mixed_radix(list((labels[:, None, :] * keep).unbind(-1)), LABEL_COUNTS)  # (B, 16)
+    mask_code = (mentioned.long() << torch.arange(4, device=labels.device)).sum(1)  # (B,) which are stated
+    text_codes = image_codes[torch.arange(len(labels), device=labels.device), mask_code]  # (B,)
+    return image_codes[:, mask_code] == text_codes[None, :]  # (B_img, B_txt)
+
+
 def clip_loss_fn(tokenizer, paraphrase: float = 0.5, drop: float = 0.25, label_aware: bool = True):
     """loss_fn(model, (images, labels), generator) for `minisd.train.train`: fresh (paraphrased,
     sometimes partial) captions for the batch each step, then the contrastive loss. With
     `label_aware`, every caption that fits an image counts as its match (see `contrastive_loss`)."""
-    from minisd.data import describe, normalize
+    from minisd.captions import ShapesCaptions
+    from minisd.data import normalize
+
+    captions = ShapesCaptions(tokenizer, paraphrase, drop)  # what `describe` writes, tokenised once
 
     def loss_fn(model, batch, generator):
         images, labels = batch
-        captions, mentioned = describe(labels.cpu(), generator, paraphrase, drop)
-        ids, mask = tokenizer(captions)
+        ids, mask, mentioned = captions.draw(labels, generator)
         device = images.device
         logits = model(normalize(images), ids.to(device), mask.to(device))
-        matches = None
-        if label_aware:  # image i fits caption j if they agree on every attribute caption j states
-            same = labels[:, None, :] == labels[None, :, :]  # (B_img, B_txt, 4)
-            matches = (same | ~mentioned.to(device)[None]).all(-1)
+        matches = caption_fits(labels, mentioned.to(device)) if label_aware else None
         return contrastive_loss(logits, matches)
 
     return loss_fn
@@ -371,14 +390,14 @@ def caption_loss_fn(tokenizer, texts: list[str]):
     """loss_fn(model, (images, caption_ids), generator) for a dataset with fixed captions (MNIST,
     CIFAR-10, your own images): image i's caption is texts[caption_ids[i]], and every caption of
     the batch that is the same text counts as a match (two photos of a cat share one caption)."""
+    from minisd.captions import FixedCaptions
     from minisd.data import normalize
 
-    all_ids, all_mask = tokenizer(texts)  # tokenised once
+    captions = FixedCaptions(tokenizer, texts)  # tokenised once
 
     def loss_fn(model, batch, generator):
         images, caption_ids = batch
-        device = images.device
-        ids, mask = all_ids[caption_ids.cpu()].to(device), all_mask[caption_ids.cpu()].to(device)
+        ids, mask = captions.ids(caption_ids.to(images.device))
         logits = model(normalize(images), ids, mask)
         return contrastive_loss(logits, caption_ids[:, None] == caption_ids[None, :])
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minisd.distributed import rows
+from minisd.distributed import draw_device, rows
 from minisd.errors import MinisdError, check_choice, check_count
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -179,31 +179,49 @@ def describe(labels: torch.Tensor, generator: torch.Generator | None = None,
     canonical form; each attribute is left out with probability `drop` (a missing shape becomes
     the word "shape"; a missing position drops "in the …"). Returns (captions, mentioned), where
     mentioned (N, 4) bool says which attributes each caption states.
+
+    Training does not call this in its loop: `minisd.captions.ShapesCaptions` makes the same
+    choices from the same random numbers, with every possible caption tokenised once.
     """
     if not (0 <= paraphrase <= 1 and 0 <= drop <= 1):
         raise MinisdError(f"paraphrase {paraphrase} and drop {drop} must be probabilities in [0, 1]")
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1, 4)
-    n = len(labels)
-    u = rows(lambda m: torch.rand(m, 7, generator=generator), n)  # one uniform draw per decision
-    mentioned = rows(lambda m: torch.rand(m, 4, generator=generator), n) >= drop
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1, 4).cpu()
+    u, mentioned = caption_draws(len(labels), generator, drop)
     out = []
-    for row, keep, (p_para, p_tpl, *p_syn) in zip(decode_labels(labels), mentioned.tolist(), u.tolist()):
-        words = dict(row)
-        if p_para < paraphrase:
-            for k, (name, value) in enumerate(words.items()):
-                options = SYNONYMS.get(value, (value,))
-                words[name] = options[int(p_syn[k] * len(options))]
-        color, shape, size, position = (words[a] if keep[k] else None for k, a in enumerate(ATTRIBUTES))
-        np_ = " ".join(["a"] + [w for w in (size, color) if w] + [shape or "shape"])
-        if position is None:
-            text = np_ if p_para >= paraphrase or p_tpl < 0.5 else f"there is {np_}"
-        elif p_para >= paraphrase:
-            text = f"{np_} in the {position}"
-        else:
-            template = PARAPHRASE_TEMPLATES[int(p_tpl * len(PARAPHRASE_TEMPLATES))]
-            text = template.format(np=np_, loc=f"in the {position}")
-        out.append(text)
-    return out, mentioned
+    for row, keep, (p_para, p_tpl, *p_syn) in zip(labels.tolist(), mentioned.tolist(), u.tolist()):
+        para = p_para < paraphrase
+        synonyms = [int(p * len(SYNONYMS.get(VOCABULARY[a][v], (None,)))) for a, v, p in zip(ATTRIBUTES, row, p_syn)]
+        out.append(write_caption(row, keep, para, int(p_tpl * len(PARAPHRASE_TEMPLATES)), p_tpl >= 0.5, synonyms))
+    return out, mentioned.cpu()
+
+
+def caption_draws(n: int, generator: torch.Generator | None, drop: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers behind `describe`, on the generator's device: u (n, 7) uniform — whether
+    to paraphrase, the template, one synonym choice per attribute (and one spare) — and mentioned
+    (n, 4), which attributes are kept."""
+    where = draw_device(generator)
+    u = rows(lambda m: torch.rand(m, 7, generator=generator, device=where), n)  # one uniform draw per decision
+    mentioned = rows(lambda m: torch.rand(m, 4, generator=generator, device=where), n) >= drop
+    return u, mentioned
+
+
+def write_caption(labels: list[int], keep: list[bool], para: bool, template: int, there_is: bool,
+                  synonyms: list[int]) -> str:
+    """One caption from its choices: labels (color, shape, size, position) as indices, which
+    attributes to keep, whether to paraphrase, and if so the template (an index into
+    `PARAPHRASE_TEMPLATES`; without a position, `there_is` says whether to start "there is") and
+    each attribute's synonym (an index into its `SYNONYMS`)."""
+    words = {}
+    for a, v, k in zip(ATTRIBUTES, labels, synonyms):
+        value = VOCABULARY[a][v]
+        words[a] = SYNONYMS.get(value, (value,))[k] if para else value
+    color, shape, size, position = (words[a] if kept else None for a, kept in zip(ATTRIBUTES, keep))
+    np_ = " ".join(["a"] + [w for w in (size, color) if w] + [shape or "shape"])
+    if position is None:
+        return f"there is {np_}" if para and there_is else np_
+    if not para:
+        return f"{np_} in the {position}"
+    return PARAPHRASE_TEMPLATES[template].format(np=np_, loc=f"in the {position}")
 
 
 def sample_labels(n: int, split: str = "train", generator: np.random.Generator | None = None):

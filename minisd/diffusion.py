@@ -21,8 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minisd.distributed import rows
-from minisd.errors import MinisdError, check_choice
+from minisd.distributed import draw_device, rows
+from minisd.errors import MinisdError, cheap_to_read, check_choice
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -87,7 +87,7 @@ class NoiseSchedule:
         if t.dtype.is_floating_point:
             raise MinisdError(f"timesteps must be integers, got dtype {t.dtype}")
         t = t.long()
-        if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
+        if t.numel() and cheap_to_read(t) and (t.min() < 0 or t.max() >= self.num_train_timesteps):
             bad = t[(t < 0) | (t >= self.num_train_timesteps)][0].item()
             raise MinisdError(f"timestep {bad} is out of range; allowed: 0 … {self.num_train_timesteps - 1}")
         return t
@@ -112,7 +112,8 @@ class NoiseSchedule:
         chapter 1 checks that. Here x_prev is the image *before* step t (the data itself for t = 0).
         """
         beta = self._gather(self.betas, t, x_prev)
-        noise = torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype).to(x_prev.device)
+        noise = torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype,
+                            device=draw_device(generator)).to(x_prev.device)
         return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
 
     def q_sample_iterative(self, x0: torch.Tensor, t: int,
@@ -173,8 +174,9 @@ def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *,
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     # `rows`: in data-parallel training, this process's rows of a draw for the whole global batch
     B, T = x0.shape[0], schedule.num_train_timesteps
-    t = rows(lambda m: torch.randint(0, T, (m,), generator=generator), B).to(x0.device)
-    noise = rows(lambda m: torch.randn((m, *x0.shape[1:]), generator=generator), B).to(x0.device, x0.dtype)
+    where = draw_device(generator)  # the generator's device: on a GPU, nothing is drawn on the CPU
+    t = rows(lambda m: torch.randint(0, T, (m,), generator=generator, device=where), B).to(x0.device)
+    noise = rows(lambda m: torch.randn((m, *x0.shape[1:]), generator=generator, device=where), B).to(x0.device, x0.dtype)
     x_t = schedule.add_noise(x0, noise, t)
     target = training_target(schedule, x0, noise, t, prediction_type)
     return F.mse_loss(model(x_t, t, **model_kwargs), target)

@@ -96,6 +96,12 @@ def rows(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
     return draw(n * size)[rank * n:(rank + 1) * n]
 
 
+def draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where to draw with `generator`: its own device (the training loop's lives on the training
+    device, so a GPU's random numbers are made on the GPU); the CPU when there is none."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over all processes (itself when alone): e.g. the loss of the global batch."""
     if _SHARD[1] == 1 or not torch.distributed.is_initialized():

@@ -13,6 +13,28 @@ class MinisdError(ValueError):
     """A user mistake: a bad value, a missing or corrupt file, a wrong shape."""
 
 
+_AS_IF_ON_A_GPU = [False]  # set by `minisd bench host` (`as_if_on_a_gpu`), which runs on the CPU
+
+
+def cheap_to_read(x) -> bool:
+    """Whether a check may look at a tensor's values without cost: on the CPU, yes. On a GPU, reading
+    a value (`bool(t.any())`, `.item()`) makes the host wait for every queued kernel, once per training
+    step, so checks of values (NaN, ids in range) run where the data is on the CPU — before it is
+    sent to the GPU — and not inside the training loop's forward pass."""
+    return x.device.type == "cpu" and not _AS_IF_ON_A_GPU[0]
+
+
+class as_if_on_a_gpu:
+    """Inside `with as_if_on_a_gpu():` value checks skip as they would for GPU tensors (`cheap_to_read`):
+    what `minisd bench host` measures on the CPU is then the host work of the GPU's path."""
+
+    def __enter__(self):
+        self.saved, _AS_IF_ON_A_GPU[0] = _AS_IF_ON_A_GPU[0], True
+
+    def __exit__(self, *exc):
+        _AS_IF_ON_A_GPU[0] = self.saved
+
+
 def check_choice(name: str, value, allowed: Iterable) -> None:
     """Raise `MinisdError` unless `value` is one of `allowed`, naming both."""
     allowed = list(allowed)

@@ -202,10 +202,11 @@ def train_judge(config: JudgeConfig = JudgeConfig(), seed: int = 1000, device: s
     def loss_fn(model, batch, generator):
         x, y = batch
         x = x.float() / 255
-        blur = torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device) < 0.5
+        where = generator.device
+        blur = torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) < 0.5
         x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1), x)
-        x = x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=generator).to(x.device) \
-            * torch.randn(x.shape, generator=generator).to(x.device)
+        x = x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) \
+            * torch.randn(x.shape, generator=generator, device=where).to(x.device)
         return sum(F.cross_entropy(logits, y[:, k]) for k, logits in enumerate(model(x)))
 
     torch.manual_seed(seed)

@@ -130,19 +130,25 @@ def unet_loss_fn(text_encoder, tokenizer, schedule: NoiseSchedule, paraphrase: f
     batch (paraphrased, an attribute sometimes left out, the whole caption replaced by "" with
     `uncond_probability`), the frozen text tower's token states as context, and the ε loss.
     With `texts` (a dataset with fixed captions), labels (B,) index them instead."""
-    from minisd.data import describe
+    from minisd.captions import FixedCaptions, ShapesCaptions
     from minisd.diffusion import diffusion_loss
+    from minisd.distributed import draw_device
+
+    # every caption tokenised once; each step only indexes (see minisd.captions)
+    shapes = ShapesCaptions(tokenizer, paraphrase=paraphrase, drop=drop)
+    fixed = None if texts is None else FixedCaptions(tokenizer, texts)
 
     def loss_fn(unet, batch, generator):
         z0, labels = batch
-        if texts is None:
-            captions, _ = describe(labels.cpu(), generator, paraphrase=paraphrase, drop=drop)
+        if fixed is None:
+            ids, _, _ = shapes.draw(labels, generator)
         else:
-            captions = [texts[i] for i in labels.tolist()]
-        unconditional = (rows(lambda m: torch.rand(m, generator=generator), len(captions))
-                         < uncond_probability).tolist()
-        captions = ["" if u else c for c, u in zip(captions, unconditional)]
-        context, mask = encode_prompts(text_encoder, tokenizer, captions, z0.device)
+            ids, _ = fixed.ids(labels.to(z0.device))
+        where = draw_device(generator)
+        unconditional = rows(lambda m: torch.rand(m, generator=generator, device=where), len(ids)) < uncond_probability
+        ids, mask = shapes.unconditional(ids.to(z0.device), unconditional.to(z0.device))  # "" for those rows
+        with torch.no_grad():  # the text tower is frozen
+            context = text_encoder(ids, mask).last_hidden_state
         return diffusion_loss(unet, schedule, z0, generator=generator, context=context, context_mask=mask)
 
     return loss_fn
@@ -151,7 +157,10 @@ def unet_loss_fn(text_encoder, tokenizer, schedule: NoiseSchedule, paraphrase: f
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None):
     """Prompts → (context (B, L, D), mask (B, L)): the text tower's state for every token."""
+    from minisd.clip import check_token_ids
+
     ids, mask = tokenizer(prompts)
+    check_token_ids(ids, text_encoder.config.vocab_size)  # here, on the CPU, before they go to a GPU
     device = device or next(text_encoder.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     return text_encoder(ids, mask).last_hidden_state, mask

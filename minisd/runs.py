@@ -110,7 +110,7 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
     import minisd
     from minisd import distributed
     from minisd.pipeline import SCHEDULE
-    from minisd.train import IMAGE_SIZES, PRESETS, pick_device
+    from minisd.train import IMAGE_SIZES, PRECISION_NOTES, PRESETS, choose_precision, pick_device
 
     if preset is not None:
         check_choice("preset", preset, PRESETS)
@@ -127,6 +127,7 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
     if resume:
         seed = config.get("seed", seed)
     todo = _plan(config, out, stages, resume)
+    precision = choose_precision((train_options or {}).get("precision", "auto"), pick_device(device))
     if dataset is not None and config["stages"] and dataset != config.get("dataset", "shapes"):
         raise MinisdError(f"{str(out)!r} holds a run trained on {config.get('dataset')!r}, not {dataset!r}; "
                           "choose another --out")
@@ -148,6 +149,7 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
         write_json(out / "config.json", config)
     metrics = read_json(out / "metrics.json", missing={})
     metrics.setdefault("train", {})
+    log(f"precision: {PRECISION_NOTES[precision]}")  # chosen once for every stage (see choose_precision)
     for stage in todo:
         state_file = out / "train_state" / f"{stage}.safetensors"
         if not resume and main:
@@ -163,7 +165,7 @@ def train_run(out, preset: str | None = None, stages=STAGES, seed: int = 0, devi
         metrics["train"][stage] = {
             "seconds": round(result.seconds, 1),  # the training steps, over every session
             "wall_seconds": round(result.resumed_seconds + wall, 1),  # with data, encoding and saving
-            "steps": len(result.losses), "resumed_from": result.resumed_from,
+            "steps": len(result.losses), "resumed_from": result.resumed_from, "precision": result.precision,
             "final_loss": result.smoothed()[-1], "losses": result.losses[::10]}
         metrics["train"]["total_wall_seconds"] = round(sum(metrics["train"][s]["wall_seconds"]
                                                            for s in STAGES if s in metrics["train"]), 1)

@@ -64,10 +64,9 @@ class Tokenizer:
     def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts → (ids (B, max_length) long, mask (B, max_length) bool, True for real tokens)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            row = self.encode(text)
-            ids[i, : len(row)] = torch.tensor(row)
+        rows = [self.encode(text) for text in texts]
+        ids = torch.tensor([row + [self.pad_id] * (self.max_length - len(row)) for row in rows],
+                           dtype=torch.long).reshape(len(texts), self.max_length)
         return ids, ids != self.pad_id
 
     def decode(self, ids: Iterable[int]) -> str:

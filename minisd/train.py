@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from minisd.errors import MinisdError, check_choice
 PRESETS = ("tiny", "cpu", "gpu")
 IMAGE_SIZES = {"tiny": 32, "cpu": 32, "gpu": 64}  # the side of the images each preset trains on
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ON_DEVICE_BYTES = 4 << 30  # training data up to this size is copied to the GPU once (Shapes, cached latents)
 
 
@@ -47,6 +49,29 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def choose_precision(requested: str, device: torch.device, capability: tuple[int, int] | None = None) -> str:
+    """The number format of the forward pass: 'bf16', 'fp16' or 'fp32'.
+
+    'auto' → on CUDA, bf16 autocast where the card has bf16 tensor cores (compute capability ≥ 8.0:
+    A100, RTX 30xx, H100 …), float16 autocast with a gradient scaler on older cards (a T4 is 7.5),
+    and float32 on the CPU or MPS. Weights and optimiser state stay float32 in every case.
+    capability: the card's (major, minor); read from the device when None.
+    """
+    check_choice("precision", requested, PRECISIONS)
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    major, minor = capability if capability is not None else torch.cuda.get_device_capability(device)
+    return "bf16" if (major, minor) >= (8, 0) else "fp16"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NOTES = {"bf16": "bf16 autocast (weights and optimiser in float32)",
+                   "fp16": "fp16 autocast with gradient scaling (weights and optimiser in float32)",
+                   "fp32": "float32"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
@@ -62,8 +87,11 @@ class TrainConfig:
     desc: str = "training"
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (see `EMA`)
     save_every: int = 0  # with a state file: save the training state every this many steps (0: 20 times a run)
-    mixed_precision: bool = True  # on CUDA, run the forward pass in bfloat16 (autocast); CPU stays float32
-    fused_optimizer: bool = True  # on CUDA, AdamW's fused kernel (one launch for all parameters)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32: the forward pass's number format (see `choose_precision`)
+    log_every: int = 25  # read the losses back from the device every this many steps (one sync per window)
+    # AdamW's fused kernel (one launch for all parameters): None → on CUDA only (the CPU keeps the
+    # multi-tensor version, whose weights equal the per-parameter loop's bit for bit); True/False → always/never
+    fused_optimizer: bool | None = None
     channels_last: bool = False  # store the model and 4-D batches as NHWC (faster convolutions on some hardware)
     compile: bool = False  # torch.compile the model for the training steps (a minute of compiling first)
 
@@ -74,6 +102,9 @@ class TrainConfig:
             raise MinisdError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise MinisdError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.log_every < 1:
+            raise MinisdError(f"log_every must be ≥ 1, got {self.log_every}")
 
 
 class EMA:
@@ -91,18 +122,22 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+        self.params = list(self.model.parameters())
+        self.buffers = list(self.model.buffers())
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for avg, p in zip(self.model.parameters(), model.parameters()):
-            avg.lerp_(p.detach(), 1 - d)
-        for avg, b in zip(self.model.buffers(), model.buffers()):
-            avg.copy_(b)
+        # One multi-tensor operation for all the weights (a GPU launches a few kernels, not one per tensor)
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - d)
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, list(model.buffers()))
 
 
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step
+    precision: str = "fp32"  # the forward pass's number format (see `choose_precision`)
     seconds: float = 0.0  # wall time of the training steps, summed over resumed sessions
     ema: nn.Module | None = None  # the averaged weights, when config.ema_decay > 0
     resumed_from: int = 0  # the step a saved state was resumed at (0: started afresh)
@@ -125,6 +160,19 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale all gradients together so that their joint L2 norm is at most `max_norm`; returns that
+    norm. `nn.utils.clip_grad_norm_` does the same, but tensor by tensor on the CPU: this uses the
+    multi-tensor operations everywhere, and never reads the norm back to the host."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # ‖(‖g₁‖, ‖g₂‖, …)‖ = ‖g‖
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
 def _to(x: torch.Tensor, device: torch.device, memory_format) -> torch.Tensor:
     if x.dim() == 4 and x.is_floating_point():
         return x.to(device, non_blocking=True, memory_format=memory_format)
@@ -132,18 +180,28 @@ def _to(x: torch.Tensor, device: torch.device, memory_format) -> torch.Tensor:
 
 
 def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.Tensor, ...],
-          config: TrainConfig, hook: Callable[[int, float], None] | None = None,
+          config: TrainConfig, hook: Callable[[int, torch.Tensor], None] | None = None,
           state_file=None, shard_batch: bool = True) -> TrainResult:
     """Train `model` in place for `config.steps` steps of AdamW on random batches of `data`.
 
     data: a tensor (N, …) or a tuple of tensors sharing N, held in memory; each step draws
           `batch_size` random rows (seeded), moves them to the device and calls
     loss_fn(model, batch, generator) → scalar loss, with `batch` a tensor or tuple like `data`.
-    hook(step, loss) is called after every step (e.g. to record samples for a figure).
+          `generator` lives on the training device: draw with `device=generator.device`.
+    hook(step, loss) is called after every step (e.g. to record samples for a figure); `loss` is
+          the step's loss as a tensor on the device — `float(loss)` reads it, at the cost of
+          waiting for the device.
     state_file: where to save everything a resume needs (weights, optimiser, EMA, step, losses,
           random state) every `config.save_every` steps; if the file exists, training continues
           from it, and ends exactly where an uninterrupted run would (on the CPU). The caller
           deletes it once the finished weights are saved.
+    config.precision: the forward pass's number format, chosen by `choose_precision` ('auto': bf16
+          autocast on recent GPUs, fp16 with a gradient scaler on older ones, float32 on the CPU);
+          the choice is in `TrainResult.precision`.
+
+    The loop never waits for the device inside a window of `config.log_every` steps: the losses
+    stay on the device and are read back together at the end of each window (one sync), so a
+    GPU always has the next steps queued. `TrainResult.losses` still has one value per step.
 
     Started by torchrun on several processes (see `minisd.distributed`), each process computes
     its slice of every global batch and the gradients are averaged, so the weights end as one
@@ -167,20 +225,24 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
     local = config.batch_size // size if shard_batch else config.batch_size
     if device.type == "cuda" and sum(x.numel() * x.element_size() for x in tensors) < ON_DEVICE_BYTES:
         tensors = tuple(x.to(device) for x in tensors)  # the data on the GPU once: no batch waits for the host
-    generator = torch.Generator().manual_seed(config.seed)
+    # Every random number of the loop (batch rows, timesteps, noise, captions) is drawn where it is
+    # used: on a GPU no draw runs on the CPU and is copied over. On the CPU this is the same stream as ever.
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
-    fused = config.fused_optimizer and device.type == "cuda"
+    fused = device.type == "cuda" if config.fused_optimizer is None else config.fused_optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  **({"fused": True} if fused else {}))
+                                  **({"fused": True} if fused else {"foreach": True}))
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
-    result, first = TrainResult(), 0
+    precision = choose_precision(config.precision, device)
+    autocast = AUTOCAST_DTYPES.get(precision)  # None: float32. Weights and optimiser stay float32 either way
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
+    result, first = TrainResult(precision=precision), 0
     if state_file is not None and Path(state_file).is_file():
         first, result.losses, result.seconds = load_train_state(state_file, model, optimizer, ema, generator,
                                                                 asdict(config))
         result.resumed_from, result.resumed_seconds = first, result.seconds
     save_every = config.save_every or max(1, config.steps // 20)
-    autocast = config.mixed_precision and device.type == "cuda"  # weights and optimiser stay float32
     # What the loss calls: the model itself, wrapped to average gradients over processes, compiled.
     runner = model
     if size > 1 and shard_batch:
@@ -189,6 +251,14 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         runner = torch.compile(runner)
+    params = list(model.parameters())
+    pending: list[torch.Tensor] = []  # this window's losses, still on the device
+
+    def read_losses() -> None:  # the one sync of a window
+        if pending:
+            result.losses.extend(mean_over_processes(torch.stack(pending)).tolist())
+            pending.clear()
+
     start = time.perf_counter() - result.seconds
     bar = tqdm(range(first, config.steps), desc=config.desc, disable=not config.progress or rank != 0,
                initial=first, total=config.steps)
@@ -196,27 +266,33 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
         for step in bar:
             for group in optimizer.param_groups:  # warm-up, then cosine decay
                 group["lr"] = config.lr * lr_factor(step, config)
-            idx = torch.randint(0, n, (config.batch_size,), generator=generator)  # the global batch
+            idx = torch.randint(0, n, (config.batch_size,), generator=generator, device=device)  # the global batch
             idx = idx[rank * local:(rank + 1) * local] if shard_batch else idx  # … this process's rows
             batch = tuple(_to(x[idx.to(x.device)], device, memory_format) for x in tensors)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
                 loss = loss_fn(runner, batch if isinstance(data, tuple) else batch[0], generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # with several processes, the gradients are averaged over them here
+            scaler.scale(loss).backward()  # with several processes, the gradients are averaged over them here
             if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                clip_grad_norm(params, config.grad_clip)
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
+            scaler.update()
             if ema is not None:
                 ema.update(model, step)
-            result.losses.append(mean_over_processes(loss.detach()).item())
-            if step % 25 == 0 or step == config.steps - 1:
+            pending.append(loss.detach().float())
+            last = step == config.steps - 1
+            if len(pending) == config.log_every or last:
+                read_losses()
                 bar.set_postfix(loss=f"{result.smoothed()[-1]:.4f}")
             if hook is not None:
-                hook(step, result.losses[-1])
-            if state_file is not None and (step + 1) % save_every == 0 and step + 1 < config.steps and rank == 0:
+                hook(step, loss.detach())
+            if state_file is not None and (step + 1) % save_every == 0 and not last and rank == 0:
+                read_losses()
                 result.seconds = time.perf_counter() - start
                 save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
                                  generator, asdict(config))
+    read_losses()
     result.seconds = time.perf_counter() - start
     model.to(memory_format=torch.contiguous_format).eval()
     if ema is not None:

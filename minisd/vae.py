@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.distributed import rows
-from minisd.errors import MinisdError, check_choice
+from minisd.errors import MinisdError, cheap_to_read, check_choice
 from minisd.metrics import nearest_colour
 from minisd.unet import ResBlock  # the U-Net's residual block, without a timestep
 
@@ -198,7 +198,7 @@ class VAE(nn.Module):
         if x.shape[-1] % divisible_by or x.shape[-2] % divisible_by:
             raise MinisdError(f"{what} size {tuple(x.shape[-2:])} is not divisible by {divisible_by}, the VAE's "
                               f"down-sampling factor with {len(self.config.channels)} levels; use a multiple of {divisible_by}")
-        if not torch.isfinite(x).all():
+        if cheap_to_read(x) and not torch.isfinite(x).all():
             raise MinisdError(f"{what} contains NaN or infinite values; pass finite numbers "
                               f"(images in [-1, 1], see minisd.data.normalize)")
 
@@ -269,7 +269,8 @@ class VAE(nn.Module):
         return load_module(cls, VAEConfig, folder)
 
 
-def vae_loss(model: VAE, x: torch.Tensor, beta: float, generator: torch.Generator | None = None):
+def vae_loss(model: VAE, x: torch.Tensor, beta: float, generator: torch.Generator | None = None,
+             parts: bool = True):
     """The two-term loss for images x (B, C, H, W) in [-1, 1] → (loss, {"recon": …, "kl": …}).
 
         loss = recon + β · kl,  recon = mean over images of Σ(x̂ − x)² / D,  kl = mean over images of KL / D
@@ -279,15 +280,17 @@ def vae_loss(model: VAE, x: torch.Tensor, beta: float, generator: torch.Generato
     and recon is the usual per-pixel MSE. With a Gaussian decoder p(x | z) = N(x̂, σ²I) the
     negative ELBO is Σ(x̂ − x)² / 2σ² + KL + const, so β plays the role of 2σ²: the noise the decoder
     is allowed. For a plain autoencoder (config.variational=False) the loss is recon alone and "kl" is NaN.
+    parts=False: return (loss, None) — reading the two terms back as numbers would make the host wait
+    for a GPU every step, so training (`vae_train_loss`) leaves them.
     """
     beta = check_beta(beta)
     out = model(x, generator)
     D = x[0].numel()
     recon = (out.reconstruction - x).pow(2).flatten(1).sum(1).mean() / D
     if out.posterior.deterministic:  # a plain autoencoder (asked of the output: `model` may be wrapped)
-        return recon, {"recon": recon.item(), "kl": float("nan")}
+        return recon, {"recon": recon.item(), "kl": float("nan")} if parts else None
     kl = out.posterior.kl().mean() / D
-    return recon + beta * kl, {"recon": recon.item(), "kl": kl.item()}
+    return recon + beta * kl, {"recon": recon.item(), "kl": kl.item()} if parts else None
 
 
 # --- measuring a VAE ------------------------------------------------------------------------------
@@ -427,6 +430,13 @@ VAE_PRESETS = {name: p[:3] for name, p in _PRESETS.items()}  # name → (VAEConf
 PRESET_IMAGES = {name: p[3] for name, p in _PRESETS.items()}  # name → training images drawn by default
 
 
+def vae_train_loss(beta: float):
+    """loss_fn(model, uint8 images, generator) for `minisd.train.train`: `vae_loss` on the normalised batch."""
+    from minisd.data import normalize
+
+    return lambda model, images, generator: vae_loss(model, normalize(images), beta, generator, parts=False)[0]
+
+
 def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: float | None = None,
               variational: bool = True, steps: int | None = None, seed: int = 0, device: str = "auto",
               progress: bool = True, config: VAEConfig | None = None, state_file=None,
@@ -440,7 +450,7 @@ def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: 
     (resume). train_options: other `TrainConfig` fields, e.g. {"compile": True}.
     Returns (vae, TrainResult).
     """
-    from minisd.data import Shapes, normalize
+    from minisd.data import Shapes
     from minisd.train import IMAGE_SIZES, PRESETS, train
 
     check_choice("preset", preset, PRESETS)
@@ -456,7 +466,6 @@ def train_vae(preset: str = "cpu", images: torch.Tensor | None = None, *, beta: 
         raise MinisdError(f"images must be uint8 (N, C, S, S), got {images.dtype}")
     torch.manual_seed(seed)  # the initial weights
     vae = VAE(vae_config)
-    result = train(vae, lambda m, x, g: vae_loss(m, normalize(x), beta, g)[0], images, train_config,
-                   state_file=state_file)
+    result = train(vae, vae_train_loss(beta), images, train_config, state_file=state_file)
     vae.with_scale_factor(images[:2048], generator=torch.Generator().manual_seed(seed))
     return vae, result

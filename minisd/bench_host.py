@@ -1,0 +1,229 @@
+"""`minisd bench host`: how long a training step spends on everything *but* the networks' arithmetic.
+
+A small model on a fast GPU is often limited by the host: Python drawing the batch, writing and
+tokenising captions, launching a few thousand tiny kernels, reading the loss back every step
+(which makes the CPU wait for the GPU). None of that needs a GPU to be measured. This suite runs
+the real training loop (`minisd.train.train`) of each stage with the real loss function, the
+real optimiser and EMA, at the preset's batch size, but with every network swapped for a
+stand-in of the same interface:
+
+- the same number of parameter tensors as the real network (so AdamW, gradient clipping and the
+  EMA launch as many per-tensor operations as they would), each a single number;
+- a forward pass of a handful of operations that returns outputs of the real kind.
+
+Each row of data is kept small (images 2·f × 2·f for a VAE that down-samples by f, latents 2×2,
+text states 8 wide), so the arithmetic a GPU does in microseconds does not pose as host time on
+a CPU; the number of rows per batch is the preset's. What is left per step is the host's share:
+the Python of the loop and the loss, random draws, caption handling, operation launches, syncs.
+On a GPU, a step can never be faster than this.
+
+Time per step = (time of W + N steps − time of W steps) / N, so set-up (the model's copy for
+the EMA, the optimiser) is not counted; the median over `repeats`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from minisd.errors import as_if_on_a_gpu, check_choice
+
+HOST_STAGES = ("vae", "clip", "unet")
+HOST_TARGET_MS = 2.0  # issue 15: at most this much host time per training step, each stage
+STANDIN_WIDTH = 8  # the stand-in text encoder's state width
+
+
+class StandIn(nn.Module):
+    """`n` one-number parameters; `scale()` ties them all into one scalar (gradients reach each)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.ones(())) for _ in range(n))
+
+    def scale(self) -> torch.Tensor:
+        return torch.stack(list(self.weights)).mean()
+
+
+class StandInVAE(StandIn):
+    """VAE interface: forward(x, generator) → VAEOutput(reconstruction, posterior, latents)."""
+
+    def __init__(self, n: int, latent_channels: int, factor: int):
+        super().__init__(n)
+        self.latent_channels, self.factor = latent_channels, factor
+
+    def forward(self, x, generator=None):
+        from minisd.vae import DiagonalGaussian, VAEOutput
+
+        s = self.scale()
+        pooled = nn.functional.avg_pool2d(x.mean(1, keepdim=True), self.factor)  # (B, 1, h, w)
+        mean = pooled.expand(-1, self.latent_channels, -1, -1) * s
+        posterior = DiagonalGaussian(mean, mean - 1)
+        z = posterior.sample(generator)
+        return VAEOutput(x * s, posterior, z)
+
+
+class StandInCLIP(StandIn):
+    """CLIP interface: forward(images, ids, mask) → logits (B_images, B_texts); clamp_logit_scale()."""
+
+    def forward(self, images, ids, mask):
+        s = self.scale()
+        return (images.flatten(1).mean(1)[:, None] + ids.float().mean(1)[None, :]) * s
+
+    def clamp_logit_scale(self) -> None:
+        with torch.no_grad():
+            self.weights[0].clamp_(0, 100)
+
+
+class StandInText(nn.Module):
+    """The frozen text tower's interface: forward(ids, mask) → TextOutput, from one embedding lookup."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, STANDIN_WIDTH)
+
+    def forward(self, ids, mask):
+        from minisd.clip import TextOutput
+
+        x = self.embedding(ids)  # (B, L, 8)
+        return TextOutput(x, x[:, 0], mask)
+
+
+class StandInUNet(StandIn):
+    """U-Net interface: forward(x, t, context, context_mask) → a tensor shaped like x."""
+
+    def forward(self, x, t, context=None, context_mask=None):
+        return x * self.scale() + context.mean() + t.float().mean() * 1e-3
+
+
+class HostReads:
+    """Count reads of tensor values into Python (`.item()`, `.tolist()`, `bool(t)`, `int(t)`, `float(t)`)
+    inside `with HostReads() as reads:`. With the data on a GPU, each is a sync: the host stops
+    until every kernel queued before it has run. On the CPU nothing waits, so the count is how the
+    syncs a GPU would see are measured here."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {m: getattr(torch.Tensor, m) for m in self.METHODS}
+
+        def counting(method):
+            def read(tensor, *args, **kwargs):
+                self.count += 1
+                return method(tensor, *args, **kwargs)
+            return read
+
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, counting(method))
+        return self
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _count(build) -> int:
+    """Parameter tensors of a network, built on the meta device (no memory, no arithmetic)."""
+    with torch.device("meta"):
+        return len(list(build().parameters()))
+
+
+def stage_setup(stage: str, preset: str, rows: int = 4096, seed: int = 0, tensors: int | None = None):
+    """(stand-in model, loss_fn, data, TrainConfig, hook) for one stage of `preset`, shaped as
+    the real stage (batch size, EMA, loss function) with small rows; see the module docstring.
+    tensors: the stand-in's number of parameter tensors (default: the real network's)."""
+    from minisd.clip import CLIP, clip_loss_fn, clip_presets
+    from minisd.data import sample_labels
+    from minisd.diffusion import NoiseSchedule
+    from minisd.pipeline import SCHEDULE, unet_loss_fn, unet_presets
+    from minisd.tokenizer import shapes_tokenizer
+    from minisd.unet import UNet
+    from minisd.vae import VAE, VAE_PRESETS, vae_train_loss
+
+    check_choice("stage", stage, HOST_STAGES)
+    labels = sample_labels(rows, "train", __import__("numpy").random.default_rng(seed))
+    g = torch.Generator().manual_seed(seed)
+    vae_config, vae_train, beta = VAE_PRESETS[preset]
+    clip_config, clip_train = clip_presets()[preset]
+    f = vae_config.downsampling_factor
+    if stage == "vae":
+        model = StandInVAE(tensors or _count(lambda: VAE(vae_config)), vae_config.latent_channels, f)
+        images = torch.randint(0, 256, (rows, 3, 2 * f, 2 * f), dtype=torch.uint8, generator=g)
+        return model, vae_train_loss(beta), images, vae_train, None
+    tokenizer = shapes_tokenizer(clip_config.text.max_length, paraphrases=True)
+    if stage == "clip":
+        config = dataclasses.replace(clip_config, text=dataclasses.replace(clip_config.text,
+                                                                          vocab_size=len(tokenizer)))
+        model = StandInCLIP(tensors or _count(lambda: CLIP(config)))
+        images = torch.randint(0, 256, (rows, 3, 8, 8), dtype=torch.uint8, generator=g)
+        return model, clip_loss_fn(tokenizer), (images, labels), clip_train, \
+            lambda step, loss: model.clamp_logit_scale()
+    unet_config, unet_train, _ = unet_presets()[preset]
+    unet_config = dataclasses.replace(unet_config, in_channels=vae_config.latent_channels,
+                                      out_channels=vae_config.latent_channels, context_dim=clip_config.text.width)
+    model = StandInUNet(tensors or _count(lambda: UNet(unet_config)))
+    text = StandInText(len(tokenizer)).eval().requires_grad_(False)
+    latents = torch.randn(rows, vae_config.latent_channels, 2, 2, generator=g)
+    return model, unet_loss_fn(text, tokenizer, NoiseSchedule(**SCHEDULE)), (latents, labels), unet_train, None
+
+
+def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: int = 20, repeats: int = 3,
+                     device: str = "cpu", tensors: int | None = None) -> tuple[float, dict]:
+    """Milliseconds of host time per training step of `stage` (median over `repeats`), and what was run.
+    tensors: give the stand-in this many parameter tensors instead of the real network's."""
+    from minisd.train import train
+
+    model, loss_fn, data, config, hook = stage_setup(stage, preset, tensors=tensors)
+    # As on a GPU: AdamW's fused kernel (one call for all tensors; the CPU default runs tensor by tensor)
+    config = dataclasses.replace(config, progress=False, device=device, warmup_steps=min(config.warmup_steps, 10),
+                                 fused_optimizer=True)
+
+    def run(n: int) -> tuple[float, int]:
+        m = copy.deepcopy(model)  # a fresh copy each run: the same start every time
+        with HostReads() as reads, as_if_on_a_gpu():
+            start = time.perf_counter()
+            train(m, loss_fn, data, dataclasses.replace(config, steps=n), hook=_rebind(hook, m))
+            seconds = time.perf_counter() - start
+        return seconds, reads.count
+
+    times, reads = [], 0
+    for _ in range(repeats):
+        (long, reads_long), (short, reads_short) = run(warmup + steps), run(warmup)
+        times.append((long - short) / steps * 1e3)
+        reads = (reads_long - reads_short) / steps
+    info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
+            "ema": config.ema_decay > 0, "reads_per_step": reads}
+    return statistics.median(times), info
+
+
+def _rebind(hook, model):
+    """The CLIP stage's hook clamps the temperature of the model being trained."""
+    if hook is None:
+        return None
+    return lambda step, loss: model.clamp_logit_scale()
+
+
+def bench_host(settings) -> list[dict]:
+    """Host time per training step of each stage at the preset's batch size (see the module docstring)."""
+    from minisd.bench import row
+
+    out = []
+    kw = dict(steps=10 if settings.quick else 60, warmup=5 if settings.quick else 20, repeats=settings.repeats,
+              device=str(settings.device))
+    for stage in HOST_STAGES:
+        ms, info = host_ms_per_step(stage, settings.preset, **kw)
+        out.append(row(f"{stage}: host time per step", ms, "ms", HOST_TARGET_MS, higher_is_better=False,
+                       note=f"{settings.preset} preset, batch {info['batch']}, {info['parameter_tensors']} "
+                            f"parameter tensors{', EMA' if info['ema'] else ''}; networks replaced by stand-ins"))
+        out.append(row(f"{stage}: reads of values per step", info["reads_per_step"], "",
+                       note="each is a sync on a GPU (.item(), .tolist(), bool(t) …)"))
+        # The same with one parameter tensor: what is left is the loop, the data, the draws and the
+        # loss; the difference is the work done tensor by tensor (backward's gradient hand-over,
+        # AdamW's Python, clipping and EMA — on a CPU the multi-tensor operations run tensor by tensor)
+        ms_one, _ = host_ms_per_step(stage, settings.preset, tensors=1, **kw)
+        out.append(row(f"{stage}: … with 1 parameter tensor", ms_one, "ms", note="the loop, data, draws, loss"))
+    return out
