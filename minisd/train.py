@@ -287,11 +287,12 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
                 bar.set_postfix(loss=f"{result.smoothed()[-1]:.4f}")
             if hook is not None:
                 hook(step, loss.detach())
-            if state_file is not None and (step + 1) % save_every == 0 and not last and rank == 0:
-                read_losses()
-                result.seconds = time.perf_counter() - start
-                save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
-                                 generator, asdict(config))
+            if state_file is not None and (step + 1) % save_every == 0 and not last:
+                read_losses()  # on every process: with several, this averages the losses over them
+                if rank == 0:
+                    result.seconds = time.perf_counter() - start
+                    save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
+                                     generator, asdict(config))
     read_losses()
     result.seconds = time.perf_counter() - start
     model.to(memory_format=torch.contiguous_format).eval()

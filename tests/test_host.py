@@ -1,0 +1,164 @@
+"""The GPU path's host side, checked on the CPU: pre-tokenised captions equal the Python ones, no
+value is read back inside a logging window, the precision chooser, fp16 with a gradient scaler,
+and the multi-tensor EMA and clipping against their one-tensor-at-a-time references."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from minisd.bench import run_bench
+from minisd.bench_host import HOST_STAGES, HostReads, stage_setup
+from minisd.captions import ShapesCaptions
+from minisd.clip import caption_fits
+from minisd.data import describe, sample_labels
+from minisd.errors import MinisdError, as_if_on_a_gpu
+from minisd.tokenizer import shapes_tokenizer
+from minisd.train import EMA, TrainConfig, choose_precision, clip_grad_norm, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("paraphrase,drop", [(0.5, 0.25), (0.5, 0.1), (1.0, 0.5), (0.0, 0.0), (0.3, 0.9)])
+def test_pretokenised_captions_equal_describe_then_tokenize(paraphrase, drop):
+    tokenizer = shapes_tokenizer(16, paraphrases=True)
+    labels = sample_labels(3000, "train", np.random.default_rng(1))
+    texts, mentioned = describe(labels, torch.Generator().manual_seed(7), paraphrase, drop)
+    ids, mask, mentioned2 = ShapesCaptions(tokenizer, paraphrase, drop).draw(labels, torch.Generator().manual_seed(7))
+    want_ids, want_mask = tokenizer(texts)
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask) and torch.equal(mentioned, mentioned2)
+    assert len(set(texts)) > (1 if paraphrase == drop == 0 else 20)  # the check covers varied captions
+
+
+def test_unconditional_rows_get_the_empty_caption_and_the_rest_are_kept():
+    tokenizer = shapes_tokenizer(16, paraphrases=True)
+    captions = ShapesCaptions(tokenizer, 0.5, 0.1)
+    ids, _, _ = captions.draw(sample_labels(8, "train", np.random.default_rng(0)), torch.Generator().manual_seed(0))
+    drop = torch.tensor([True, False] * 4)
+    new_ids, mask = captions.unconditional(ids, drop)
+    empty_ids, empty_mask = tokenizer([""])
+    assert torch.equal(new_ids[drop], empty_ids.expand(4, -1)) and torch.equal(mask[drop], empty_mask.expand(4, -1))
+    assert torch.equal(new_ids[~drop], ids[~drop])
+
+
+def test_caption_fits_equals_the_attribute_by_attribute_rule():
+    labels = sample_labels(200, "train", np.random.default_rng(2))
+    mentioned = torch.rand(200, 4, generator=torch.Generator().manual_seed(3)) >= 0.4
+    want = ((labels[:, None, :] == labels[None, :, :]) | ~mentioned[None]).all(-1)
+    got = caption_fits(labels, mentioned)
+    assert torch.equal(got, want) and 0 < want.float().mean() < 1
+
+
+@pytest.mark.parametrize("stage", HOST_STAGES)
+def test_the_training_loop_reads_values_back_once_per_window(stage):
+    """Every read of a tensor's value is a sync on a GPU: inside a window of `log_every` steps there
+    must be none, whatever the stage (counted with the real loss functions, stand-in networks)."""
+    model, loss_fn, data, config, hook = stage_setup(stage, "tiny", rows=256)
+    steps, window = 30, 10
+    # fused AdamW, as on a GPU (the CPU's default multi-tensor AdamW reads its step counters as numbers)
+    config = dataclasses.replace(config, steps=steps, log_every=window, progress=False, device="cpu",
+                                 warmup_steps=5, fused_optimizer=True)
+    with HostReads() as reads, as_if_on_a_gpu():
+        result = train(model, loss_fn, data, config, hook=None if hook is None else (lambda step, loss: None))
+    assert len(result.losses) == steps and all(np.isfinite(result.losses))
+    assert reads.count <= steps // window + 1, f"{reads.count} reads of values in {steps} steps"
+
+
+def test_host_reads_counts_what_it_should():
+    with HostReads() as reads:
+        t = torch.ones(3)
+        t.sum().item()
+        t.tolist()
+        bool(t.any())
+    assert reads.count == 3 and torch.Tensor.item.__name__ == "item"  # and puts the methods back
+
+
+def test_losses_are_the_per_step_values_whatever_the_window():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    data = (x, x.sum(1, keepdim=True))
+
+    def loss_fn(m, batch, g):
+        return ((m(batch[0]) - batch[1]) ** 2).mean()
+
+    runs = []
+    for window in (1, 7, 100):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        runs.append(train(model, loss_fn, data, TrainConfig(steps=20, batch_size=8, log_every=window,
+                                                            progress=False, device="cpu")).losses)
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 20
+
+
+@pytest.mark.parametrize("capability,want", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
+                                             ((8, 6), "bf16"), ((9, 0), "bf16")])
+def test_precision_is_chosen_by_the_cards_compute_capability(capability, want):
+    assert choose_precision("auto", torch.device("cuda"), capability) == want
+
+
+def test_precision_on_the_cpu_and_when_asked_for():
+    assert choose_precision("auto", CPU) == "fp32"
+    assert choose_precision("bf16", torch.device("cuda"), (7, 5)) == "bf16"  # asked for: not second-guessed
+    with pytest.raises(MinisdError, match="unknown precision 'fp8'"):
+        choose_precision("fp8", CPU)
+    with pytest.raises(MinisdError, match="precision"):
+        TrainConfig(precision="half")
+
+
+def test_fp16_with_a_gradient_scaler_trains():
+    """float16 autocast with loss scaling (what a T4 gets) runs and learns; here on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+
+    def loss_fn(m, batch, gen):
+        out = m(batch[0])
+        assert out.dtype == torch.float16  # autocast is on
+        return ((out.float() - batch[1]) ** 2).mean()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    result = train(model, loss_fn, (x, y), TrainConfig(steps=150, batch_size=32, lr=1e-2, warmup_steps=10,
+                                                         precision="fp16", progress=False, device="cpu"))
+    assert result.precision == "fp16" and all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.mean(result.losses[-10:]) < 0.2 * np.mean(result.losses[:10])
+
+
+def test_ema_update_equals_the_formula_tensor_by_tensor():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))
+    ema = EMA(model, decay=0.9)
+    before = copy.deepcopy(ema.model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+    ema.update(model, step=50)
+    d = min(0.9, 51 / 60)
+    for (name, p), avg in zip(model.state_dict().items(), ema.model.state_dict().values()):
+        want = p if "running" in name or "num_batches" in name else d * before[name] + (1 - d) * p
+        assert torch.allclose(avg, want, atol=1e-6), name
+
+
+def test_clip_grad_norm_equals_pytorchs():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 7), torch.nn.Linear(6, 7)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        (m(torch.randn(5, 6, generator=torch.Generator().manual_seed(1))) ** 2).sum().backward()
+    ours = clip_grad_norm(list(a.parameters()), 0.5)
+    theirs = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+    assert torch.allclose(ours, theirs) and ours > 0.5
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad)
+
+
+def test_bench_host_quick_gives_rows_for_every_stage(tmp_path):
+    result = run_bench(["host"], out=tmp_path / "bench.json", repeats=1, quick=True, log=None)
+    rows = result["suites"]["host"]
+    for stage in HOST_STAGES:
+        what = {r["what"]: r for r in rows if r["what"].startswith(stage)}
+        assert what[f"{stage}: host time per step"]["value"] > 0
+        assert what[f"{stage}: reads of values per step"]["value"] <= 0.2
+    assert (tmp_path / "bench.json").is_file()

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The whole GPU check in one script (README: "Checking the GPU path").
+#
+#   OUT=/some/folder tools/gpu-check.sh              # on a CUDA machine, from the repository root
+#   OUT=/tmp/check PRESET=tiny tools/gpu-check.sh    # the same steps on a CPU, in minutes
+#
+# 1. trains the preset end to end as a user types it (data, VAE, CLIP, latents, U-Net), timed alone;
+# 2. evaluates it (prompt accuracy, FID with intervals) while every notebook runs in quick mode;
+# 3. runs `minisd bench unet mfu host` at the preset's sizes.
+# Everything lands in $OUT: train.log, eval.log, metrics.json, bench.json, bench.log, one
+# nb-NN.log per notebook, and summary.txt (what passed, and the figures). The package is used
+# from this tree (PYTHONPATH); wheels for what the machine lacks (nbval, ipykernel, ipywidgets,
+# diffusers) are installed from ./wheels when that folder exists (tools/gpu-wheels.sh fills it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check}
+PRESET=${PRESET:-gpu}
+PY=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}  # notebooks run at once
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+start=$(date +%s)
+say() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
+
+if [ -d wheels ]; then
+  $PY -m pip install -q --no-index --find-links wheels nbval ipykernel ipywidgets diffusers \
+    > "$OUT/pip.log" 2>&1 && say "installed from ./wheels" || say "pip install from ./wheels failed (see pip.log)"
+fi
+{ nvidia-smi 2>/dev/null || echo "no nvidia-smi"; $PY -c "import torch; print('torch', torch.__version__, \
+'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"; } > "$OUT/machine.txt" 2>&1
+say "machine: $(tail -1 "$OUT/machine.txt"), preset $PRESET"
+
+# 1. Training, alone on the machine so that its wall time is clean.
+rm -rf "$OUT/run"
+t0=$(date +%s)
+$PY -m minisd train --preset "$PRESET" --out "$OUT/run" > "$OUT/train.log" 2>&1
+rc_train=$?
+say "train: exit $rc_train in $(( $(date +%s) - t0 )) s wall"
+[ -f "$OUT/run/metrics.json" ] && cp "$OUT/run/metrics.json" "$OUT/metrics.json"
+
+# 2. Evaluation and the notebooks (quick mode), side by side.
+rc_eval=1
+if [ $rc_train = 0 ]; then
+  ( t1=$(date +%s); $PY -m minisd eval --run "$OUT/run" > "$OUT/eval.log" 2>&1; echo $? > "$OUT/eval.rc"
+    echo "$(( $(date +%s) - t1 ))" > "$OUT/eval.seconds" ) &
+  eval_pid=$!
+fi
+t2=$(date +%s)
+ls notebooks/[0-9]*.ipynb | xargs -P "$JOBS" -I{} sh -c \
+  'nb={}; log="$0/nb-$(basename "$nb" .ipynb).log"; MINISD_QUICK=1 "$1" -m pytest -q -p no:cacheprovider \
+   --nbval-lax --nbval-current-env "$nb" > "$log" 2>&1; echo "exit $?" >> "$log"' "$OUT" "$PY"
+say "notebooks (quick mode, $JOBS at once): $(( $(date +%s) - t2 )) s"
+for log in "$OUT"/nb-*.log; do say "  $(basename "$log" .log): $(tail -2 "$log" | head -1)"; done
+if [ $rc_train = 0 ]; then
+  wait $eval_pid
+  rc_eval=$(cat "$OUT/eval.rc")
+  say "eval: exit $rc_eval in $(cat "$OUT/eval.seconds") s"
+  [ -f "$OUT/run/metrics.json" ] && cp "$OUT/run/metrics.json" "$OUT/metrics.json"
+fi
+
+# 3. Speed figures at the preset's sizes.
+t3=$(date +%s)
+$PY -m minisd bench unet mfu host --preset "$PRESET" --no-compile --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+rc_bench=$?
+say "bench: exit $rc_bench in $(( $(date +%s) - t3 )) s"
+
+{ echo; echo "== training"; grep -E "precision|trained in|wrote" "$OUT/train.log"
+  echo "== eval"; cat "$OUT/eval.log" 2>/dev/null
+  echo "== bench"; grep -vE "^\[|^$" "$OUT/bench.log"; } >> "$OUT/summary.txt"
+failed=$(grep -L "^exit 0$" "$OUT"/nb-*.log | wc -l)
+say "done: train $rc_train, eval $rc_eval, bench $rc_bench, notebooks failed $failed, total $(( $(date +%s) - start )) s"
+[ $rc_train = 0 ] && [ "$rc_eval" = 0 ] && [ $rc_bench = 0 ] && [ "$failed" = 0 ]
