@@ -65,7 +65,7 @@ rc_bench=$?
 say "bench: exit $rc_bench in $(( $(date +%s) - t3 )) s"
 
 { echo; echo "== training"; grep -E "precision|trained in|wrote" "$OUT/train.log"
-  echo "== eval"; cat "$OUT/eval.log" 2>/dev/null
+  echo "== eval"; grep -v "it/s\]" "$OUT/eval.log" 2>/dev/null
   echo "== bench"; grep -vE "^\[|^$" "$OUT/bench.log"; } >> "$OUT/summary.txt"
 failed=$(grep -L "^exit 0$" "$OUT"/nb-*.log | wc -l)
 say "done: train $rc_train, eval $rc_eval, bench $rc_bench, notebooks failed $failed, total $(( $(date +%s) - start )) s"
