@@ -89,7 +89,27 @@ def _table(vocab: tuple[str, ...], max_length: int) -> tuple[torch.Tensor, torch
     return ids, torch.from_numpy(block)
 
 
-class ShapesCaptions:
+class _Tables:
+    """Token tables made on the CPU once and copied to each device once (a copy per step would make
+    a GPU's host wait); and the empty caption, for the rows that train the unconditional model."""
+
+    def __init__(self, tokenizer, tables: dict[str, torch.Tensor]):
+        self.pad_id = tokenizer.pad_id
+        self._cpu = {**tables, "empty": tokenizer([""])[0][0]}  # <start> <end> <pad> …
+        self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = {k: t.to(device) for k, t in self._cpu.items()}
+        return self._on[device]
+
+    def unconditional(self, ids: torch.Tensor, drop_rows: torch.Tensor):
+        """Replace the captions of rows where drop_rows (B,) is True by the empty caption: (ids, mask)."""
+        ids = torch.where(drop_rows[:, None], self._tables(ids.device)["empty"], ids)
+        return ids, ids != self.pad_id
+
+
+class ShapesCaptions(_Tables):
     """Fresh Shapes captions as token ids, the way `describe` writes them, for a training loop.
 
         captions = ShapesCaptions(tokenizer, paraphrase=0.5, drop=0.25)
@@ -102,20 +122,13 @@ class ShapesCaptions:
     def __init__(self, tokenizer, paraphrase: float = 0.5, drop: float = 0.0):
         if not (0 <= paraphrase <= 1 and 0 <= drop <= 1):
             raise MinisdError(f"paraphrase {paraphrase} and drop {drop} must be probabilities in [0, 1]")
-        self.tokenizer, self.paraphrase, self.drop = tokenizer, paraphrase, drop
-        self.pad_id = tokenizer.pad_id
+        self.paraphrase, self.drop = paraphrase, drop
         ids, block = _table(tuple(tokenizer.vocab), tokenizer.max_length)
         widest = max(LABEL_COUNTS)
-        self._cpu = {"ids": ids, "block": block,
-                     # (4, 6): how many synonyms each value of each attribute has (1 past the last value)
-                     "options": torch.tensor([list(o) + [1] * (widest - len(o)) for o in OPTIONS]),
-                     "empty": tokenizer([""])[0][0]}  # <start> <end> <pad> …: the unconditional caption
-        self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
-
-    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
-        if device not in self._on:  # copied to each device once
-            self._on[device] = {k: t.to(device) for k, t in self._cpu.items()}
-        return self._on[device]
+        super().__init__(tokenizer, {
+            "ids": ids, "block": block,
+            # (4, 6): how many synonyms each value of each attribute has (1 past an attribute's last value)
+            "options": torch.tensor([list(o) + [1] * (widest - len(o)) for o in OPTIONS])})
 
     def draw(self, labels: torch.Tensor, generator: torch.Generator | None = None):
         """labels (B, 4) → (ids (B, L) long, mask (B, L) bool, mentioned (B, 4) bool), on labels' device."""
@@ -130,30 +143,21 @@ class ShapesCaptions:
         bin_ = (u64[:, 1] * TEMPLATE_BINS).floor().long().to(device)
         counts = table["options"][torch.arange(4, device=device), labels]  # (B, 4) synonyms of each row's values
         synonyms = (u64[:, 2:6] * counts.to(u64.device)).floor().long().to(device)
-        keep_code = (mentioned.long() * torch.tensor([1, 2, 4, 8], device=device)).sum(1)
+        keep_code = (mentioned.long() << torch.arange(4, device=device)).sum(1)  # bit k: attribute k stated
         combo = mixed_radix([keep_code, para, bin_, *synonyms.unbind(1)],
                             (16, 2, TEMPLATE_BINS, *SYNONYM_RADIX))
         row = table["block"][combo] * NUM_LABELS + mixed_radix(list(labels.unbind(1)), LABEL_COUNTS)
         ids = table["ids"][row]
         return ids, ids != self.pad_id, mentioned
 
-    def unconditional(self, ids: torch.Tensor, drop_rows: torch.Tensor):
-        """Replace the captions of rows where drop_rows (B,) is True by the empty caption: (ids, mask)."""
-        empty = self._tables(ids.device)["empty"]
-        ids = torch.where(drop_rows[:, None], empty, ids)
-        return ids, ids != self.pad_id
 
 
-class FixedCaptions:
+class FixedCaptions(_Tables):
     """A dataset's fixed captions tokenised once: `ids(caption_ids)` → (ids, mask) on their device."""
 
     def __init__(self, tokenizer, texts: list[str]):
-        self.pad_id = tokenizer.pad_id
-        self._cpu = tokenizer(texts)[0]
-        self._on: dict[torch.device, torch.Tensor] = {}
+        super().__init__(tokenizer, {"ids": tokenizer(texts)[0]})
 
     def ids(self, caption_ids: torch.Tensor):
-        if caption_ids.device not in self._on:
-            self._on[caption_ids.device] = self._cpu.to(caption_ids.device)
-        ids = self._on[caption_ids.device][caption_ids]
+        ids = self._tables(caption_ids.device)["ids"][caption_ids]
         return ids, ids != self.pad_id

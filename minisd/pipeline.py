@@ -137,18 +137,17 @@ def unet_loss_fn(text_encoder, tokenizer, schedule: NoiseSchedule, paraphrase: f
     from minisd.distributed import draw_device
 
     # every caption tokenised once; each step only indexes (see minisd.captions)
-    shapes = ShapesCaptions(tokenizer, paraphrase=paraphrase, drop=drop)
-    fixed = None if texts is None else FixedCaptions(tokenizer, texts)
+    captions = ShapesCaptions(tokenizer, paraphrase, drop) if texts is None else FixedCaptions(tokenizer, texts)
 
     def loss_fn(unet, batch, generator):
         z0, labels = batch
-        if fixed is None:
-            ids, _, _ = shapes.draw(labels, generator)
+        if texts is None:
+            ids, _, _ = captions.draw(labels, generator)
         else:
-            ids, _ = fixed.ids(labels.to(z0.device))
+            ids, _ = captions.ids(labels.to(z0.device))
         where = draw_device(generator)
         unconditional = rows(lambda m: torch.rand(m, generator=generator, device=where), len(ids)) < uncond_probability
-        ids, mask = shapes.unconditional(ids.to(z0.device), unconditional.to(z0.device))  # "" for those rows
+        ids, mask = captions.unconditional(ids.to(z0.device), unconditional.to(z0.device))  # "" for those rows
         with torch.no_grad():  # the text tower is frozen
             context = text_encoder(ids, mask).last_hidden_state
         return diffusion_loss(unet, schedule, z0, generator=generator, context=context, context_mask=mask)
