@@ -26,6 +26,11 @@ from minisd.errors import MinisdError, cheap_to_read, check_choice
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Each schedule with the β range it is known by (chapter 1's table): DDPM's linear 10⁻⁴ → 0.02, Stable
+# Diffusion's scaled_linear 0.00085 → 0.012 (its scheduler config), Improved DDPM's cosine (no range).
+STANDARD_BETAS = {"linear": {"beta_start": 1e-4, "beta_end": 0.02},
+                  "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
+                  "cosine": {}}
 
 
 def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -52,6 +57,12 @@ class NoiseSchedule:
             (Stable Diffusion: linear in sqrt β), or 'cosine' (Improved DDPM; ignores beta_start/end).
         beta_start, beta_end: the first and last β for the two linear schedules.
     """
+
+    @classmethod
+    def standard(cls, beta_schedule: str, num_train_timesteps: int = 1000) -> NoiseSchedule:
+        """The schedule as its authors defined it (`STANDARD_BETAS`): e.g. 'scaled_linear' is Stable Diffusion's."""
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        return cls(num_train_timesteps, beta_schedule, **STANDARD_BETAS[beta_schedule])
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02):

@@ -27,9 +27,11 @@ def noised_images(images: torch.Tensor, t: int, schedule: NoiseSchedule, seed: i
 def noising_explorer(images: torch.Tensor, num_train_timesteps: int = 1000, seed: int = 0):
     """A slider over t and a schedule choice; shows x_t for each image and the signal/noise mix.
 
-    Returns the widget box; its `.t_slider`, `.schedule_choice` and `.update()` let a test drive it.
+    Returns the widget box; its `.t_slider`, `.schedule_choice` and `.update()` let a test drive it,
+    and `.schedules` holds the three schedules it shows (`NoiseSchedule.standard`).
     """
-    schedules = {name: NoiseSchedule(num_train_timesteps, name) for name in BETA_SCHEDULES}
+    # each with its own β range: scaled_linear is Stable Diffusion's 0.00085 → 0.012, not linear's range
+    schedules = {name: NoiseSchedule.standard(name, num_train_timesteps) for name in BETA_SCHEDULES}
     t_slider = widgets.IntSlider(value=0, min=0, max=num_train_timesteps - 1, step=1,
                                  description="t", continuous_update=False,
                                  layout=widgets.Layout(width="520px"))
@@ -57,7 +59,7 @@ def noising_explorer(images: torch.Tensor, num_train_timesteps: int = 1000, seed
 
     t_slider.observe(update, names="value")
     schedule_choice.observe(update, names="value")
-    box.t_slider, box.schedule_choice, box.update = t_slider, schedule_choice, update
+    box.t_slider, box.schedule_choice, box.update, box.schedules = t_slider, schedule_choice, update, schedules
     update()
     return box
 

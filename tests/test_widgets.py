@@ -33,6 +33,23 @@ def test_slider_and_schedule_choice_update_the_images():
     assert box.last_images.shape == (4, 3, 32, 32)
 
 
+def test_the_explorers_schedules_are_the_ones_chapter_1_defines():
+    """Each name with its own β range (a bug once gave scaled_linear the linear range 1e-4 → 0.02)."""
+    from minisd.diffusion import NoiseSchedule
+    from minisd.pipeline import SCHEDULE
+
+    box = noising_explorer(Shapes("test", 2).images)
+    want = {"linear": NoiseSchedule(1000, "linear", beta_start=1e-4, beta_end=0.02),
+            "scaled_linear": NoiseSchedule(**SCHEDULE),  # Stable Diffusion's, as the pipeline uses it
+            "cosine": NoiseSchedule(1000, "cosine")}
+    assert set(box.schedules) == set(want)
+    for name, s in want.items():
+        torch.testing.assert_close(box.schedules[name].betas, s.betas, atol=0, rtol=0)
+        torch.testing.assert_close(box.schedules[name].alphas_cumprod, s.alphas_cumprod, atol=0, rtol=0)
+    # what chapter 1 says of the last step: about 7 % of the signal left under scaled_linear
+    assert round(box.schedules["scaled_linear"].alphas_cumprod[-1].sqrt().item(), 3) == 0.068
+
+
 def test_image_table_lays_out_rows_and_columns():
     import pytest
 
