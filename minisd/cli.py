@@ -108,7 +108,7 @@ def cmd_sample(args) -> None:
 def cmd_eval(args) -> None:
     from minisd.runs import evaluate_run
 
-    evaluate_run(args.run, args.split)
+    evaluate_run(args.run, args.split, device=args.device)
     print(f"figures stored in {Path(args.run) / 'metrics.json'}")
 
 
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="measure the trained components of a run folder")
     e.add_argument("--run", required=True, help="run folder written by `minisd train`")
     e.add_argument("--split", default="test", help="test or train (the held-out pairs are always added)")
+    e.add_argument("--device", default="auto", help="where the model samples: auto (CUDA if present), cpu, cuda, mps")
     e.set_defaults(func=cmd_eval)
     from minisd.bench import SUITES
 

@@ -255,13 +255,16 @@ EVAL_SAMPLERS = (("ddim", 20), ("dpmsolver++", 10))
 EVAL_GUIDANCE = 4.0
 
 
-def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> dict:
+def evaluate_run(run, split: str = "test", log=print, progress: bool = True, device: str = "auto") -> dict:
     """Evaluate every trained component of run folder `run` on a Shapes split (and the held-out
     pairs); print the figures and store them in metrics.json under 'eval'. With a U-Net, the
-    whole model: prompt accuracy and FID read by the judge, for each of `EVAL_SAMPLERS`."""
+    whole model: prompt accuracy and FID read by the judge, for each of `EVAL_SAMPLERS`.
+    device: where the whole model samples and the judge reads ('auto': CUDA if present)."""
     from minisd.data import SPLITS
+    from minisd.train import pick_device
 
     check_choice("split", split, SPLITS)
+    device = str(pick_device(device))
     run = Path(run)
     if not run.is_dir():
         raise MinisdError(f"run folder {str(run)!r} not found; train one with `minisd train --out {run}`")
@@ -287,8 +290,8 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True) -> 
         from minisd.metrics import evaluate_pipeline, load_judge
         from minisd.pipeline import StableDiffusion
 
-        models["unet"] = StableDiffusion.from_pretrained(run)
-        judge, judge_acc = load_judge(progress=progress, log=log)
+        models["unet"] = StableDiffusion.from_pretrained(run, device=device)
+        judge, judge_acc = load_judge(device=device, progress=progress, log=log)
     figures: dict[str, dict] = {}
     for stage in present:
         for part in dict.fromkeys([split, "heldout"]):

@@ -60,7 +60,7 @@ fi
 
 # 3. Speed figures at the preset's sizes.
 t3=$(date +%s)
-$PY -m minisd bench unet mfu host --preset "$PRESET" --no-compile --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+$PY -m minisd bench unet mfu host --preset "$PRESET" --device auto --no-compile --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 rc_bench=$?
 say "bench: exit $rc_bench in $(( $(date +%s) - t3 )) s"
 
