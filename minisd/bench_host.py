@@ -28,10 +28,13 @@ import dataclasses
 import statistics
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
+from minisd.clip import TextOutput
 from minisd.errors import as_if_on_a_gpu, check_choice
+from minisd.vae import DiagonalGaussian, VAEOutput
 
 HOST_STAGES = ("vae", "clip", "unet")
 HOST_TARGET_MS = 2.0  # issue 15: at most this much host time per training step, each stage
@@ -57,8 +60,6 @@ class StandInVAE(StandIn):
         self.latent_channels, self.factor = latent_channels, factor
 
     def forward(self, x, generator=None):
-        from minisd.vae import DiagonalGaussian, VAEOutput
-
         s = self.scale()
         pooled = nn.functional.avg_pool2d(x.mean(1, keepdim=True), self.factor)  # (B, 1, h, w)
         mean = pooled.expand(-1, self.latent_channels, -1, -1) * s
@@ -87,8 +88,6 @@ class StandInText(nn.Module):
         self.embedding = nn.Embedding(vocab_size, STANDIN_WIDTH)
 
     def forward(self, ids, mask):
-        from minisd.clip import TextOutput
-
         x = self.embedding(ids)  # (B, L, 8)
         return TextOutput(x, x[:, 0], mask)
 
@@ -145,7 +144,7 @@ def stage_setup(stage: str, preset: str, rows: int = 4096, seed: int = 0, tensor
     from minisd.vae import VAE, VAE_PRESETS, vae_train_loss
 
     check_choice("stage", stage, HOST_STAGES)
-    labels = sample_labels(rows, "train", __import__("numpy").random.default_rng(seed))
+    labels = sample_labels(rows, "train", np.random.default_rng(seed))
     g = torch.Generator().manual_seed(seed)
     vae_config, vae_train, beta = VAE_PRESETS[preset]
     clip_config, clip_train = clip_presets()[preset]
@@ -186,7 +185,9 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
         m = copy.deepcopy(model)  # a fresh copy each run: the same start every time
         with HostReads() as reads, as_if_on_a_gpu():
             start = time.perf_counter()
-            train(m, loss_fn, data, dataclasses.replace(config, steps=n), hook=_rebind(hook, m))
+            # the CLIP stage's hook clamps the temperature of the copy being trained
+            train(m, loss_fn, data, dataclasses.replace(config, steps=n),
+                  hook=hook and (lambda step, loss: m.clamp_logit_scale()))
             seconds = time.perf_counter() - start
         return seconds, reads.count
 
@@ -198,13 +199,6 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
             "ema": config.ema_decay > 0, "reads_per_step": reads}
     return statistics.median(times), info
-
-
-def _rebind(hook, model):
-    """The CLIP stage's hook clamps the temperature of the model being trained."""
-    if hook is None:
-        return None
-    return lambda step, loss: model.clamp_logit_scale()
 
 
 def bench_host(settings) -> list[dict]:

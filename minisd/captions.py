@@ -44,6 +44,11 @@ OPTIONS = tuple(tuple(len(SYNONYMS.get(v, (v,))) for v in VOCABULARY[a]) for a i
 SYNONYM_RADIX = tuple(max(o) for o in OPTIONS)  # (1, 1, 2, 2)
 
 
+def mention_code(mentioned: torch.Tensor) -> torch.Tensor:
+    """mentioned (B, 4) bool → (B,) 0 … 15: bit k set when attribute k is stated."""
+    return (mentioned.long() << torch.arange(4, device=mentioned.device)).sum(-1)
+
+
 def mixed_radix(digits: list, radix: tuple[int, ...]):
     """Σ digitᵢ · Πⱼ₍ⱼ>ᵢ₎ radixⱼ: digits (ints or tensors) → one code, first digit most significant."""
     code = 0
@@ -143,13 +148,11 @@ class ShapesCaptions(_Tables):
         bin_ = (u64[:, 1] * TEMPLATE_BINS).floor().long().to(device)
         counts = table["options"][torch.arange(4, device=device), labels]  # (B, 4) synonyms of each row's values
         synonyms = (u64[:, 2:6] * counts.to(u64.device)).floor().long().to(device)
-        keep_code = (mentioned.long() << torch.arange(4, device=device)).sum(1)  # bit k: attribute k stated
-        combo = mixed_radix([keep_code, para, bin_, *synonyms.unbind(1)],
+        combo = mixed_radix([mention_code(mentioned), para, bin_, *synonyms.unbind(1)],
                             (16, 2, TEMPLATE_BINS, *SYNONYM_RADIX))
         row = table["block"][combo] * NUM_LABELS + mixed_radix(list(labels.unbind(1)), LABEL_COUNTS)
         ids = table["ids"][row]
         return ids, ids != self.pad_id, mentioned
-
 
 
 class FixedCaptions(_Tables):

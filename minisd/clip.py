@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from minisd.attention import TransformerBlock
+from minisd.captions import LABEL_COUNTS, mention_code, mixed_radix
 from minisd.errors import MinisdError, cheap_to_read, check_choice
 
 IMAGE_ENCODERS = ("vit", "cnn")
@@ -358,11 +359,9 @@ def caption_fits(labels: torch.Tensor, mentioned: torch.Tensor) -> torch.Tensor:
     states — i.e. `((labels[:, None] == labels[None]) | ~mentioned[None]).all(-1)`, computed as one
     comparison of codes: each image's labels with the attributes caption j leaves out set to 0, as
     one number (2⁴ = 16 versions per image), against caption j's own."""
-    from minisd.captions import LABEL_COUNTS, mixed_radix
-
     keep = torch.arange(16, device=labels.device)[:, None] >> torch.arange(4, device=labels.device) & 1  # (16, 4)
     image_codes = mixed_radix(list((labels[:, None, :] * keep).unbind(-1)), LABEL_COUNTS)  # (B, 16)
-    mask_code = (mentioned.long() << torch.arange(4, device=labels.device)).sum(1)  # (B,) which are stated
+    mask_code = mention_code(mentioned)  # (B,) which attributes each caption states
     text_codes = image_codes[torch.arange(len(labels), device=labels.device), mask_code]  # (B,)
     return image_codes[:, mask_code] == text_codes[None, :]  # (B_img, B_txt)
 

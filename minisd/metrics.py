@@ -191,6 +191,7 @@ def train_judge(config: JudgeConfig = JudgeConfig(), seed: int = 1000, device: s
     reads imperfect samples as well. Seeds differ from every evaluation set. Returns (judge,
     accuracy per attribute on 2,000 test and 1,000 held-out images)."""
     from minisd.data import Shapes
+    from minisd.distributed import draw_device
     from minisd.train import TrainConfig, train
 
     n_held = config.num_images // 6
@@ -202,7 +203,7 @@ def train_judge(config: JudgeConfig = JudgeConfig(), seed: int = 1000, device: s
     def loss_fn(model, batch, generator):
         x, y = batch
         x = x.float() / 255
-        where = generator.device
+        where = draw_device(generator)
         blur = torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) < 0.5
         x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1), x)
         x = x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) \

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minisd.diffusion import NoiseSchedule
+from minisd.diffusion import STANDARD_BETAS, NoiseSchedule
 from minisd.distributed import rows
 from minisd.errors import MinisdError, check_choice, check_count
 from minisd.samplers import SAMPLERS
 from minisd.unet import UNet, UNetConfig
 
-SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-            "beta_end": 0.012}  # Stable Diffusion's
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+            **STANDARD_BETAS["scaled_linear"]}  # Stable Diffusion's
 UNCOND_PROBABILITY = 0.1  # how often a training caption is replaced by "" (for guidance)
 
 
