@@ -310,12 +310,7 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
                     result = evaluate_pipeline(models["unet"], judge, part, sampler, steps, EVAL_GUIDANCE,
                                                progress=progress)
                     figures[f"sd/{part}/{sampler}-{steps}"] = result
-                    lines.append(f"{sampler} {steps} steps, guidance {EVAL_GUIDANCE:g}: prompt accuracy "
-                                 + "  ".join(f"{k} {100 * result[k]:.1f}%" for k in
-                                             ("all", "color", "shape", "size", "position"))
-                                 + f"  FID {result['fid']:.2f} (real vs real {result['fid_floor']:.2f})"
-                                 + f"  diversity {result['diversity']:.2f}  [{result['num_images']} images, "
-                                 + f"{result['seconds']:.0f} s]")
+                    lines += format_pipeline_metrics(result, f"{sampler} {steps} steps, guidance {EVAL_GUIDANCE:g}")
                 figures["judge"] = judge_acc
             name = "sd" if stage == "unet" else stage
             log(f"{name:4s} {part:8s} {lines[0]}")
@@ -325,6 +320,21 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
     metrics.setdefault("eval", {}).update(figures)
     write_json(run / "metrics.json", metrics)
     return figures
+
+
+def format_pipeline_metrics(r: dict, setting: str) -> list[str]:
+    """`evaluate_pipeline`'s figures as lines, each with its 95 % interval."""
+    from minisd.metrics import format_interval
+
+    return [f"{setting}, {r['num_images']} images, {r['seconds']:.0f} s",
+            "  prompt accuracy (judge) " + "  ".join(f"{k} {format_interval(r[k], r[k + '_ci'], percent=True)}"
+                                                   for k in ("all", "color", "shape", "size", "position")),
+            f"  FID {format_interval(r['fid'], r['fid_ci'], digits=2)} against a real set with the same prompts;"
+            f" real vs real {format_interval(r['fid_reference'], r['fid_reference_ci'], digits=2)};"
+            f" excess {format_interval(r['fid_excess'], r['fid_excess_ci'], digits=2)}",
+            f"  diversity {r['diversity']:.2f} (pairwise distance within a prompt / real's)  geometric reader:"
+            f" all {100 * r['geometric_all']:.1f}%, agrees with the judge on "
+            + "  ".join(f"{k} {100 * r['agreement_' + k]:.1f}%" for k in ("all", "color", "shape", "size", "position"))]
 
 
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
