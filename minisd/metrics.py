@@ -376,12 +376,14 @@ def evaluate_pipeline(sd, judge: Judge, split: str = "test", sampler: str = "ddi
     # Resample within each prompt; with one sample per prompt that would change nothing, so then
     # the rows are resampled as one set (the prompts themselves treated as drawn at random).
     strata = groups if per_prompt > 1 else None
-    for key, stat in (("fid", lambda s, a, b: frechet_distance(s, a)),
-                      ("fid_reference", lambda s, a, b: frechet_distance(b, a)),
-                      ("fid_excess", lambda s, a, b: frechet_distance(s, a) - frechet_distance(b, a))):
-        # The same seed resamples the same rows in every call, so the three stay paired.
-        out[key], *out[f"{key}_ci"] = bootstrap_interval(stat, feats, feats_a, feats_b, groups=strata,
-                                                         reps=reps, seed=seed, correct_bias=True)
+    def fids(s, a, b):  # the samples' FID, the reference's, and the excess, on the same resampled rows
+        fid, reference = frechet_distance(s, a), frechet_distance(b, a)
+        return fid, reference, fid - reference
+
+    figures = bootstrap_intervals(fids, feats, feats_a, feats_b, groups=strata, reps=reps, seed=seed,
+                                  correct_bias=True)
+    for key, (value, lo, hi) in zip(("fid", "fid_reference", "fid_excess"), figures):
+        out[key], out[f"{key}_ci"] = value, [lo, hi]
     if per_prompt > 1:
         out["diversity"] = within_prompt_distance(feats, groups) / within_prompt_distance(feats_a, groups)
     else:
@@ -461,6 +463,16 @@ def bootstrap_interval(statistic, *samples: torch.Tensor, groups: torch.Tensor |
 
     The same `seed`, sample sizes and groups draw the same rows, so two calls stay paired.
     """
+    return bootstrap_intervals(lambda *s: (statistic(*s),), *samples, groups=groups, reps=reps, level=level,
+                               seed=seed, correct_bias=correct_bias)[0]
+
+
+def bootstrap_intervals(statistic, *samples: torch.Tensor, groups: torch.Tensor | None = None, reps: int = 1000,
+                        level: float = 0.95, seed: int = 0,
+                        correct_bias: bool = False) -> list[tuple[float, float, float]]:
+    """`bootstrap_interval` for a statistic that returns several numbers at once: one
+    (estimate, lo, hi) per number, all from the same resampled rows (so they stay paired, and
+    work they share is done once per replicate)."""
     from minisd.errors import MinisdError, check_count
 
     check_count("reps", reps)
@@ -470,18 +482,19 @@ def bootstrap_interval(statistic, *samples: torch.Tensor, groups: torch.Tensor |
         raise MinisdError(f"with groups ({len(groups)} rows) every sample needs as many rows; got "
                           f"{[len(s) for s in samples]}")
     g = torch.Generator().manual_seed(seed)
-    estimate = float(statistic(*samples))
+    estimates = torch.tensor([float(v) for v in statistic(*samples)], dtype=torch.float64)
     values = []
     for _ in range(reps):
         if groups is None:
             picks = [torch.randint(0, len(s), (len(s),), generator=g) for s in samples]
         else:
             picks = [resample_indices(groups, g) for _ in samples]
-        values.append(float(statistic(*(s[i] for s, i in zip(samples, picks)))))
-    values = torch.tensor(values, dtype=torch.float64)
-    lo, hi = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    shift = values.mean().item() - estimate if correct_bias else 0.0
-    return estimate, lo - shift, hi - shift
+        values.append([float(v) for v in statistic(*(s[i] for s, i in zip(samples, picks)))])
+    values = torch.tensor(values, dtype=torch.float64)  # (reps, numbers)
+    bounds = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64), dim=0)
+    shift = values.mean(0) - estimates if correct_bias else torch.zeros_like(estimates)
+    return [(e, lo, hi) for e, lo, hi in zip(estimates.tolist(), (bounds[0] - shift).tolist(),
+                                              (bounds[1] - shift).tolist())]
 
 
 def format_interval(value: float, ci, percent: bool = False, digits: int = 1) -> str:
