@@ -446,7 +446,8 @@ def proportion_interval(hits: int, n: int, level: float = 0.95) -> tuple[float, 
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n hits an end is exactly 0 or 1 (centre ∓ half cancels); rounding must not move it.
+    return (0.0 if hits == 0 else centre - half), (1.0 if hits == n else centre + half)
 
 
 def bootstrap_interval(statistic, *samples: torch.Tensor, groups: torch.Tensor | None = None, reps: int = 1000,
