@@ -327,8 +327,8 @@ def format_pipeline_metrics(r: dict, setting: str) -> list[str]:
     from minisd.metrics import format_interval
 
     return [f"{setting}, {r['num_images']} images, {r['seconds']:.0f} s",
-            "  prompt accuracy (judge) " + "  ".join(f"{k} {format_interval(r[k], r[k + '_ci'], percent=True)}"
-                                                   for k in ("all", "color", "shape", "size", "position")),
+            "  prompt accuracy " + "  ".join(f"{k} {format_interval(r[k], r[k + '_ci'], percent=True)}"
+                                           for k in ("all", "color", "shape", "size", "position")) + "  (the judge's reading)",
             f"  FID {format_interval(r['fid'], r['fid_ci'], digits=2)} against a real set with the same prompts;"
             f" real vs real {format_interval(r['fid_reference'], r['fid_reference_ci'], digits=2)};"
             f" excess {format_interval(r['fid_excess'], r['fid_excess_ci'], digits=2)}",
