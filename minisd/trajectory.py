@@ -11,6 +11,10 @@
 and the decoded images of z_t and ẑ_0. `render_frame` turns one step into a picture (a plain
 uint8 array, so tests can check it and the widget can show it in a few milliseconds), and
 `save_animation` writes a whole run as a GIF or a self-contained HTML page for slides.
+
+`continue_from` finishes a run from its state z_{t_k} at step k. With a sampler that adds fresh
+noise (DDPM, or DDIM with η = 1) it branches the run: several continuations from the same z_{t_k}
+show what that state has already fixed and what is still open (chapter 8.3).
 """
 
 from __future__ import annotations
@@ -141,6 +145,54 @@ def record_trajectory(sd, prompt: str, *, seed: int = 0, num_inference_steps: in
         images=sd.decode(latents).cpu(), pred_images=sd.decode(pred).cpu(), tokens=tokens,
         attention={name: torch.stack(v)[:, : len(tokens)] for name, v in maps.items()},
     )
+
+
+BRANCH_SAMPLERS = ("ddpm", "ddim")
+
+
+@torch.no_grad()
+def continue_from(sd, latents: torch.Tensor, step: int, prompts, *, num_inference_steps: int = 50,
+                  guidance_scale: float = 4.0, sampler: str = "ddpm", eta: float | None = None, seed: int = 0,
+                  callback=None, progress: bool = False):
+    """Finish a run from the middle: start from z_{t_k} and take steps k, k + 1, …, N − 1 of the
+    same N-step timestep list that `sd(..., num_inference_steps=N, sampler=sampler)` visits.
+
+    latents: (B, c, h, w), the latents step k starts from, e.g. `traj.latents[k:k + 1]`; step: k,
+    from 0 (z_T: a whole run) to N (nothing left to do: `latents` come back decoded).
+    prompts: one string for all B latents, or a list of B strings. sampler: 'ddpm' (ancestral:
+    fresh noise in every step; the same as DDIM with η = 1, Song et al. 2021 §4.1) or 'ddim' with
+    `eta` (default 0: deterministic). seed: the CPU generator of that fresh noise, as in `sd(...)`;
+    each of the B rows draws its own noise, so repeating one z_{t_k} B times branches the run into
+    B independent continuations. Returns `SDOutput` (images (B, 3, H, W) in [0, 1], latents (B, c, h, w)).
+
+        z = traj.latents[k:k + 1].repeat(8, 1, 1, 1)     # (8, c, h, w): one state, 8 times
+        out = continue_from(sd, z, k, traj.prompt, num_inference_steps=traj.num_inference_steps,
+                            guidance_scale=traj.guidance_scale, sampler="ddpm", seed=1)
+    """
+    from minisd.clip import check_prompts
+    from minisd.errors import check_choice, check_count
+    from minisd.pipeline import SDOutput, check_guidance, check_seed
+    from minisd.samplers import make_sampler
+
+    check_choice("sampler", sampler, BRANCH_SAMPLERS)
+    if sampler == "ddpm" and eta is not None:
+        raise MinisdError(f"eta {eta!r} is for sampler='ddim'; 'ddpm' always adds the posterior's noise (η = 1)")
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or tuple(latents.shape[1:]) != sd.latent_shape:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise MinisdError(f"latents {got} given; this model needs (B, {', '.join(map(str, sd.latent_shape))})")
+    prompts = check_prompts(prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(latents)
+    if len(prompts) != len(latents):
+        raise MinisdError(f"{len(prompts)} prompts for {len(latents)} latents; give one prompt or one per latent")
+    guidance_scale = check_guidance(guidance_scale)
+    s = make_sampler(sampler, sd.schedule, num_inference_steps=num_inference_steps,
+                     **({"eta": 0.0 if eta is None else eta} if sampler == "ddim" else {}))
+    check_count("step", step, 0, s.num_inference_steps)
+    generator = torch.Generator().manual_seed(check_seed(seed))
+    texts = (*sd.encode_prompt(prompts), *sd.encode_prompt([""] * len(prompts)))
+    z = sd._denoise(latents.to(sd.device), s, step, texts, guidance_scale, generator, callback, progress)
+    return SDOutput(sd.decode(z), z, prompts)
 
 
 # --- drawing a frame ---------------------------------------------------------------------------

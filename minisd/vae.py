@@ -340,6 +340,69 @@ def nn_rms(samples: torch.Tensor, reference: torch.Tensor) -> float:
     return mean_nn_distance(samples.flatten(1), reference.float().flatten(1)) / math.sqrt(d)
 
 
+def count_regions(mask: torch.Tensor) -> torch.Tensor:
+    """Number of connected regions (8-neighbours) of True pixels in each mask (N, H, W) → long (N,).
+    Every True pixel starts with its own label; each round, a pixel takes the largest label among itself
+    and its neighbours (a 3 × 3 max-pool), until nothing changes: each region then carries its largest
+    starting label, and exactly one pixel of it (the one that started with that label) still has its own."""
+    if mask.ndim != 3 or mask.dtype != torch.bool:
+        raise MinisdError(f"count_regions needs bool masks (N, H, W), got {mask.dtype} {tuple(mask.shape)}")
+    N, H, W = mask.shape
+    m = mask.float().unsqueeze(1)  # (N, 1, H, W)
+    start = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W) * m  # 0 = background
+    labels = start
+    while True:
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * m
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    return ((labels == start) & (start > 0)).flatten(1).sum(1)
+
+
+def object_checks(images: torch.Tensor, colour_tolerance: float = 0.2,
+                  fill_range: tuple[float, float] = (0.35, 1.5)) -> dict[str, torch.Tensor]:
+    """Read images (N, 3, S, S), floats in [0, 1] or uint8, by geometry alone (no trained judge): does
+    each look like one Shapes object? Returns bool (N,) tensors:
+
+    object        there is something to read: the brightest pixel is above 0.3 (what
+                  `minisd.metrics.read_attributes` needs to find an object at all)
+    one_region    the object's solid pixels (covered more than half) form exactly one connected region
+    shape_fill    it fills its bounding box as a drawn shape does (`minisd.metrics.box_fill` within
+                  `fill_range`; drawn Shapes triangles fill about 0.5, circles 0.8, squares 1.0, and all of
+                  2,000 test images lie between 0.42 and 1.31, small squares with soft edges the highest)
+    one_colour    the mean colour of its core pixels (covered more than 0.7) is within `colour_tolerance`
+                  (RGB distance, [0, 1] per channel) of one canonical colour; the two closest canonical
+                  colours are 0.46 apart, so 0.2 leaves no doubt which one it is
+    clean_object  all four: one object of one canonical colour and a plausible shape
+
+    The limits are set so that every real Shapes image passes (tests/test_vae.py); an all-black image
+    has no object, and scattered squiggles or two objects fail `one_region` or `shape_fill`."""
+    from minisd.data import COLORS
+    from minisd.metrics import _coverage, box_fill
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise MinisdError(f"object_checks needs RGB images (N, 3, S, S), got {tuple(images.shape)}")
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (6, 3)
+    N = len(x)
+    found, colour_ok, solid = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool), []
+    for i, brightness in enumerate(x.amax(1)):  # (S, S) each
+        coverage = _coverage(brightness)  # the same coverage `read_attributes` and `box_fill` measure
+        if coverage is None:
+            solid.append(torch.zeros_like(brightness, dtype=torch.bool))
+            continue
+        found[i] = True
+        solid.append(coverage > 0.5)
+        core = coverage > 0.7
+        rgb = x[i][:, core].mean(1)  # (3,)
+        colour_ok[i] = torch.cdist(rgb[None], palette).min() <= colour_tolerance
+    one_region = count_regions(torch.stack(solid)) == 1
+    fill = box_fill(x)  # NaN where there is no object
+    shape_fill = (fill >= fill_range[0]) & (fill <= fill_range[1])
+    return {"object": found, "one_region": one_region & found, "shape_fill": shape_fill & found,
+            "one_colour": colour_ok, "clean_object": found & one_region & shape_fill & colour_ok}
+
+
 @torch.no_grad()
 def evaluate_vae(vae: VAE, split: str = "test", num_images: int | None = None, seed: int = 0,
                  image_size: int = 32, num_random: int = 256, batch_size: int = 256) -> dict:

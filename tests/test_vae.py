@@ -17,7 +17,9 @@ from minisd.vae import (
     VAEConfig,
     VAEOutput,
     colour_preserved,
+    count_regions,
     evaluate_vae,
+    object_checks,
     psnr,
     train_vae,
     vae_loss,
@@ -229,3 +231,61 @@ def test_presets_and_train_vae_tiny(tmp_path):
     assert m["latent_shape"] == (4, 8, 8) and 0 <= m["colour_preserved"] <= 1
     ae, _ = train_vae("tiny", images, steps=3, variational=False, progress=False, device="cpu")
     assert not ae.config.variational and math.isnan(evaluate_vae(ae, num_images=16, num_random=8)["kl_per_latent"])
+
+
+def _regions_by_flood_fill(mask: list[list[bool]]) -> int:
+    """The textbook way: visit every True pixel once, flooding each new region through its 8 neighbours."""
+    h, w = len(mask), len(mask[0])
+    seen, count = set(), 0
+    for start in ((i, j) for i in range(h) for j in range(w) if mask[i][j]):
+        if start in seen:
+            continue
+        count += 1
+        stack = [start]
+        seen.add(start)
+        while stack:
+            i, j = stack.pop()
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    n = (i + di, j + dj)
+                    if 0 <= n[0] < h and 0 <= n[1] < w and mask[n[0]][n[1]] and n not in seen:
+                        seen.add(n)
+                        stack.append(n)
+    return count
+
+
+def test_count_regions_matches_a_flood_fill():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 12, 12, generator=g) < torch.linspace(0.05, 0.6, 40).view(-1, 1, 1)
+    masks[0] = False  # no region at all
+    ours = count_regions(masks)
+    assert ours.tolist() == [_regions_by_flood_fill(m.tolist()) for m in masks]
+    assert ours[0] == 0 and ours.max() > 3
+    with pytest.raises(MinisdError, match="bool masks"):
+        count_regions(masks.float())
+
+
+def test_object_checks_pass_every_real_image_and_fail_non_objects():
+    for split, seed in (("train", 1), ("test", 0), ("heldout", 0)):
+        checks = object_checks(Shapes(split, 300, seed=seed).images)
+        assert checks["clean_object"].all(), split
+    real = Shapes("test", 64, seed=0)
+    x = real.images.float() / 255
+    black = object_checks(torch.zeros(1, 3, 32, 32))
+    assert not any(v.item() for v in black.values())
+    # two objects in one image: two real images at different positions, overlaid
+    a, b = next((i, j) for i in range(64) for j in range(64)
+                if real.labels[i, 3] == 0 and real.labels[j, 3] == 3 and real.labels[i, 2] == 0 == real.labels[j, 2])
+    two = object_checks(torch.maximum(x[a], x[b])[None])
+    assert two["object"].item() and not two["clean_object"].item()
+    # one object of a colour between two canonical ones: half red, half green → (0.53, 0.47, 0.20)
+    red = torch.tensor(COLORS["red"]) / 255
+    green = torch.tensor(COLORS["green"]) / 255
+    mixed = (x[:1] > 0).float() * ((red + green) / 2).view(1, 3, 1, 1) * x[:1].amax(1, keepdim=True)
+    assert not object_checks(mixed)["one_colour"].item()
+    # scattered specks: many regions
+    specks = torch.zeros(1, 3, 32, 32)
+    specks[..., 2::6, 2::6] = 1.0
+    assert object_checks(specks)["object"].item() and not object_checks(specks)["clean_object"].item()
+    with pytest.raises(MinisdError, match="RGB images"):
+        object_checks(x[:, :1])
