@@ -2,9 +2,10 @@
 
 For point clouds (chapter 2): the maximum mean discrepancy with a Gaussian kernel, and the mean
 distance from each sample to its nearest data point. Both are 0 when the two sets coincide.
-For Shapes images: a geometric reader (`read_attributes`) and a trained judge (chapter 7's prompt
-accuracy and FID, `evaluate_pipeline`). For any of them: `bootstrap_interval`, how far a figure
-could move with another draw of the same number of samples.
+For Shapes images: a rough count of blobs and their colours (`blob_stats`, chapter 2), a geometric
+reader (`read_attributes`) and a trained judge (chapter 7's prompt accuracy and FID,
+`evaluate_pipeline`). For any of them: `bootstrap_interval`, how far a figure could move with
+another draw of the same number of samples.
 """
 
 from __future__ import annotations
@@ -124,6 +125,67 @@ def box_fill(images: torch.Tensor) -> torch.Tensor:
         if height * width > 0:
             out[i] = coverage.sum() / (height * width)
     return out
+
+
+def count_regions(mask: torch.Tensor, min_area: int = 1) -> torch.Tensor:
+    """Number of connected regions (8-neighbours) of True pixels in each mask (N, H, W) → long (N,),
+    counting only regions of at least `min_area` pixels.
+    Every True pixel starts with its own label; each round, a pixel takes the largest label among itself
+    and its neighbours (a 3 × 3 max-pool), until nothing changes: each region then carries its largest
+    starting label, and its size is the number of pixels that carry it."""
+    from minisd.errors import MinisdError, check_count
+
+    if mask.ndim != 3 or mask.dtype != torch.bool:
+        raise MinisdError(f"count_regions needs bool masks (N, H, W), got {mask.dtype} {tuple(mask.shape)}")
+    check_count("min_area", min_area)
+    N, H, W = mask.shape
+    m = mask.float().unsqueeze(1)  # (N, 1, H, W)
+    labels = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W) * m  # 0 = background
+    while True:
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * m
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    final = labels.flatten(1).long()  # (N, HW): each pixel's region label
+    sizes = torch.zeros(N, H * W + 1, dtype=torch.long).scatter_add_(1, final, torch.ones_like(final))  # (N, HW + 1)
+    return (sizes[:, 1:] >= min_area).sum(1)  # label 0, the background, left out
+
+
+def blob_stats(images: torch.Tensor, threshold: float = 0.3, min_area: int = 4,
+               one_colour_share: float = 0.9) -> dict[str, torch.Tensor]:
+    """A rough reading of images (N, 3, S, S), uint8 or floats in [0, 1], that needs no object to be
+    well formed (unlike `read_attributes`): how many blobs, of how many colours. Every Shapes image
+    is one blob of one canonical colour. Returns per-image tensors (N,):
+
+    foreground    the fraction of pixels whose brightest channel is above `threshold`
+    blobs         connected regions (8-neighbours) of foreground pixels with at least `min_area`
+                  pixels (`count_regions`), so that single stray pixels do not count
+    colour        the majority colour (an index into `minisd.data.COLORS`, −1 with no foreground):
+                  each foreground pixel gets the canonical colour nearest in *hue* — the pixel and the
+                  palette both divided by their brightest channel — so that the dim anti-aliased edge
+                  of a red shape still counts as red
+    colour_share  the share of foreground pixels that get the majority colour (0 with no foreground)
+    one_blob      blobs == 1 (bool)
+    one_colour    colour_share ≥ `one_colour_share` (bool)
+    """
+    from minisd.data import COLORS
+    from minisd.errors import MinisdError
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise MinisdError(f"blob_stats needs RGB images (N, 3, S, S), got {tuple(images.shape)}")
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (6, 3)
+    hues = palette / palette.amax(1, keepdim=True)  # (6, 3), brightness divided out
+    brightest = x.amax(1)  # (N, S, S)
+    hue = x / brightest.unsqueeze(1).clamp(min=1e-6)  # (N, 3, S, S)
+    nearest = torch.cdist(hue.permute(0, 2, 3, 1).reshape(-1, 3), hues).argmin(1).view(brightest.shape)  # (N, S, S)
+    fg = brightest > threshold  # (N, S, S)
+    counts = torch.stack([torch.bincount(nearest[i][fg[i]], minlength=len(hues)) for i in range(len(x))])  # (N, 6)
+    share = counts.amax(1) / counts.sum(1).clamp(min=1)
+    colour = torch.where(counts.sum(1) > 0, counts.argmax(1), -1)
+    blobs = count_regions(fg, min_area)
+    return {"foreground": fg.float().mean((1, 2)), "blobs": blobs, "colour": colour, "colour_share": share,
+            "one_blob": blobs == 1, "one_colour": share >= one_colour_share}
 
 
 def attribute_accuracy(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from minisd.distributed import rows
 from minisd.errors import MinisdError, cheap_to_read, check_choice
-from minisd.metrics import nearest_colour
+from minisd.metrics import count_regions, nearest_colour
 from minisd.unet import ResBlock  # the U-Net's residual block, without a timestep
 
 
@@ -338,25 +338,6 @@ def nn_rms(samples: torch.Tensor, reference: torch.Tensor) -> float:
 
     d = samples[0].numel()
     return mean_nn_distance(samples.flatten(1), reference.float().flatten(1)) / math.sqrt(d)
-
-
-def count_regions(mask: torch.Tensor) -> torch.Tensor:
-    """Number of connected regions (8-neighbours) of True pixels in each mask (N, H, W) → long (N,).
-    Every True pixel starts with its own label; each round, a pixel takes the largest label among itself
-    and its neighbours (a 3 × 3 max-pool), until nothing changes: each region then carries its largest
-    starting label, and exactly one pixel of it (the one that started with that label) still has its own."""
-    if mask.ndim != 3 or mask.dtype != torch.bool:
-        raise MinisdError(f"count_regions needs bool masks (N, H, W), got {mask.dtype} {tuple(mask.shape)}")
-    N, H, W = mask.shape
-    m = mask.float().unsqueeze(1)  # (N, 1, H, W)
-    start = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W) * m  # 0 = background
-    labels = start
-    while True:
-        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * m
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    return ((labels == start) & (start > 0)).flatten(1).sum(1)
 
 
 def object_checks(images: torch.Tensor, colour_tolerance: float = 0.2,
