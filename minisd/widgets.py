@@ -3,6 +3,10 @@ figures, so it is tested without a browser; the widgets only wire sliders to the
 
 from __future__ import annotations
 
+import base64
+import io
+import math
+
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
@@ -24,11 +28,27 @@ def noised_images(images: torch.Tensor, t: int, schedule: NoiseSchedule, seed: i
     return denormalize(x_t)
 
 
+class _SnapshotBox(widgets.VBox):
+    """A VBox that also offers a PNG of its current picture. A live Jupyter front end draws the widget
+    (it prefers the widget's own MIME type); a static view of a saved notebook, which cannot run
+    widgets (GitHub, nbconvert to HTML), shows the picture instead of `VBox(children=…)`."""
+
+    snapshot_png: bytes | None = None
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if self.snapshot_png is not None:
+            bundle["image/png"] = base64.b64encode(self.snapshot_png).decode("ascii")
+        return bundle
+
+
 def noising_explorer(images: torch.Tensor, num_train_timesteps: int = 1000, seed: int = 0):
-    """A slider over t and a schedule choice; shows x_t for each image and the signal/noise mix.
+    """A slider over t and a schedule choice; shows x_t for each image, the signal/noise mix, and
+    where t sits on the schedule's log-SNR curve.
 
     Returns the widget box; its `.t_slider`, `.schedule_choice` and `.update()` let a test drive it,
-    and `.schedules` holds the three schedules it shows (`NoiseSchedule.standard`).
+    `.schedules` holds the three schedules it shows (`NoiseSchedule.standard`), `.last_images` the
+    images on show and `.snapshot_png` the picture as PNG bytes (the static fallback) and `.last_figure` its figure.
     """
     # each with its own β range: scaled_linear is Stable Diffusion's 0.00085 → 0.012, not linear's range
     schedules = {name: NoiseSchedule.standard(name, num_train_timesteps) for name in BETA_SCHEDULES}
@@ -38,7 +58,7 @@ def noising_explorer(images: torch.Tensor, num_train_timesteps: int = 1000, seed
     schedule_choice = widgets.Dropdown(options=list(BETA_SCHEDULES), value="linear",
                                        description="schedule")
     out = widgets.Output()
-    box = widgets.VBox([widgets.HBox([t_slider, schedule_choice]), out])
+    box = _SnapshotBox([widgets.HBox([t_slider, schedule_choice]), out])
 
     def update(*_):
         s = schedules[schedule_choice.value]
@@ -46,16 +66,32 @@ def noising_explorer(images: torch.Tensor, num_train_timesteps: int = 1000, seed
         shown = noised_images(images, t, s, seed)
         abar = s.alphas_cumprod[t].item()
         box.last_images = shown
+        arr = to_numpy_images(shown)
+        fig, axes = plt.subplots(1, len(arr) + 1, figsize=(1.6 * len(arr) + 2.6, 2.2), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1] * len(arr) + [1.6]})
+        for ax, im in zip(axes[0], arr):
+            ax.imshow(im, interpolation="nearest")
+            ax.axis("off")
+        curve = axes[0, -1]
+        for name, other in schedules.items():
+            curve.plot(other.snr().log(), lw=1.5 if name == s.beta_schedule else 0.8,
+                       alpha=1.0 if name == s.beta_schedule else 0.35, label=name)
+        curve.plot([t], [math.log(abar / (1 - abar))], "ko", ms=5)
+        curve.axhline(0, color="gray", lw=0.5)
+        curve.set_xlabel("t", fontsize=7)
+        curve.set_ylabel("log SNR", fontsize=7)
+        curve.tick_params(labelsize=6)
+        curve.legend(fontsize=5, loc="upper right")
+        fig.suptitle(f"{s.beta_schedule}, t = {t}:  x_t = {abar ** 0.5:.3f}·x0 + "
+                     f"{(1 - abar) ** 0.5:.3f}·ε   (SNR {abar / (1 - abar):.3g})", fontsize=9)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=80)
+        box.snapshot_png, box.last_figure = png.getvalue(), fig
         with out:
             out.clear_output(wait=True)
-            arr = to_numpy_images(shown)
-            fig, axes = plt.subplots(1, len(arr), figsize=(1.6 * len(arr), 2.0), squeeze=False)
-            for ax, im in zip(axes[0], arr):
-                ax.imshow(im, interpolation="nearest")
-                ax.axis("off")
-            fig.suptitle(f"{s.beta_schedule}, t = {t}:  x_t = {abar ** 0.5:.3f}·x0 + "
-                         f"{(1 - abar) ** 0.5:.3f}·ε   (SNR {abar / (1 - abar):.3g})", fontsize=9)
             plt.show()
+        plt.close(fig)
 
     t_slider.observe(update, names="value")
     schedule_choice.observe(update, names="value")

@@ -50,6 +50,28 @@ def test_the_explorers_schedules_are_the_ones_chapter_1_defines():
     assert round(box.schedules["scaled_linear"].alphas_cumprod[-1].sqrt().item(), 3) == 0.068
 
 
+def test_the_chosen_t_is_marked_on_its_log_snr_curve_and_a_static_view_gets_a_picture():
+    import base64
+    import math
+
+    box = noising_explorer(Shapes("test", 2).images)
+    box.schedule_choice.value = "scaled_linear"
+    box.t_slider.value = 640
+    curve = box.last_figure.get_axes()[-1]
+    marker = [line for line in curve.get_lines() if line.get_marker() == "o"]
+    assert len(marker) == 1
+    abar = box.schedules["scaled_linear"].alphas_cumprod[640].item()
+    assert marker[0].get_xdata()[0] == 640
+    assert math.isclose(marker[0].get_ydata()[0], math.log(abar / (1 - abar)), rel_tol=1e-6)
+    bundle = box._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # a live front end still draws the widget
+    png = base64.b64decode(bundle["image/png"])
+    assert png.startswith(b"\x89PNG") and png == box.snapshot_png
+    before = box.snapshot_png
+    box.t_slider.value = 100
+    assert box.snapshot_png != before  # the picture follows the slider
+
+
 def test_image_table_lays_out_rows_and_columns():
     import pytest
 
