@@ -279,7 +279,7 @@ def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_widt
     pred = traj.images[n] if last else traj.pred_images[frame]
     big = [(f"z_t decoded (t = {t})" if not last else "final image", _upscale(_rgb(traj.images[frame]), PANEL)),
            ("predicted clean image", _upscale(_rgb(pred), PANEL)),
-           ("predicted noise, 4 channels" if not last else "(no more noise)",
+           (f"predicted noise, channels 1-{traj.noise_pred.shape[1]}" if not last else "(no more noise)",
             noise_panel(traj.noise_pred[frame]) if not last else np.full((PANEL, PANEL, 3), 0.92))]
     small = attention_panels(traj, frame, layer) if traj.attention else []
 
@@ -298,6 +298,14 @@ def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_widt
         x = PAD + i * (PANEL + PAD)
         draw.text((x, y), label, font=font, fill=_INK)
         canvas.paste(Image.fromarray((img * 255).round().astype(np.uint8)), (x, y + label_h))
+    if not last:  # number the noise mosaic's tiles: latent channel 1, 2, … row by row, as in noise_panel
+        c = traj.noise_pred.shape[1]
+        cols = int(np.ceil(np.sqrt(c)))
+        cell, x = PANEL // cols, PAD + 2 * (PANEL + PAD)
+        for i in range(c):
+            r, k = divmod(i, cols)
+            draw.text((x + k * cell + 3, y + label_h + r * cell + 1), str(i + 1), font=font,
+                      fill=_INK, stroke_width=2, stroke_fill=_BG)  # outlined: legible on red and blue
     if small:
         y += label_h + PANEL + PAD
         where = "mean of all layers" if layer == MEAN_LAYER else f"layer {layer}"

@@ -26,7 +26,8 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
     extra = 0.35 * (2 if titles else 0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra) * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra) * nrows + (0.4 if suptitle else 0)),
+                             squeeze=False, layout="constrained")  # constrained: room for the suptitle and titles
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
@@ -36,7 +37,6 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
                 ax.set_title("\n".join(textwrap.wrap(str(titles[k]), wrap)), fontsize=7)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
     return fig
 
 
