@@ -257,12 +257,27 @@ def attention_panels(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, size
     maps = traj.attention_map(min(frame, n - 1), layer)  # (T, h, w)
     share = maps.flatten(1).mean(1)  # each pixel's weights sum to 1 over the tokens
     under = traj.images[n] if frame == n else traj.pred_images[frame]
-    gray = _upscale(_rgb(under), size).mean(-1, keepdims=True)
+    edge = object_outline(_upscale(_rgb(under), size))
     panels = []
     for tok, m, s in zip(traj.tokens, maps, share):
         heat = _colormap(_upscale(m.numpy()[..., None], size)[..., 0], "magma", float(m.min()), float(m.max()))
-        panels.append((f"{tok} {100 * float(s):.0f}%", 0.75 * heat + 0.25 * gray))
+        heat[edge] = OUTLINE
+        panels.append((f"{tok} {100 * float(s):.0f}%", heat))
     return panels
+
+
+OUTLINE = (0.0, 0.9, 1.0)  # cyan: absent from the magma colour map, so the outline never blends into a map
+
+
+def object_outline(image: np.ndarray, threshold: float = 0.3, width: int = 2) -> np.ndarray:
+    """(H, W) bool: the rim, `width` pixels wide, of the object in an (H, W, 3) image in [0, 1] — the
+    pixels whose brightest channel exceeds `threshold` (the background is black) next to one that does not."""
+    inside = image.max(-1) > threshold
+    inner = inside.copy()
+    for _ in range(width):  # erode by one pixel (4-neighbourhood), `width` times
+        p = np.pad(inner, 1, constant_values=False)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return inside & ~inner
 
 
 def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_width: int = 920) -> np.ndarray:
@@ -309,7 +324,8 @@ def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_widt
     if small:
         y += label_h + PANEL + PAD
         where = "mean of all layers" if layer == MEAN_LAYER else f"layer {layer}"
-        draw.text((PAD, y), f"cross attention of each token ({where}, mean over heads; share of all attention)",
+        draw.text((PAD, y), f"cross attention of each token ({where}, mean over heads; share of all attention; "
+                  "cyan: the object in the predicted image)",
                   font=font, fill=_INK)
         y += 14
         for i, (label, img) in enumerate(small):

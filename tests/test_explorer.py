@@ -216,3 +216,15 @@ def test_bench_command_times_the_explorer_and_writes_json(tmp_path, capsys):
                        (["bench", "--out", str(tmp_path / "no" / "b.json")], "does not exist")):
         assert main(argv) == 2
         assert says in capsys.readouterr().err
+
+
+def test_object_outline_is_the_rim_of_the_bright_object():
+    from minisd.trajectory import object_outline
+
+    image = np.zeros((20, 20, 3))
+    image[5:15, 4:14, 0] = 0.8  # a 10×10 red square on black
+    rim = object_outline(image, width=2)
+    assert rim.sum() == 10 * 10 - 6 * 6  # the square less its 6×6 core
+    assert not rim[7:13, 6:12].any() and rim[5, 4:14].all() and rim[5:15, 13].all()
+    assert not rim[:5].any() and not rim[:, :4].any()  # nothing outside the object
+    assert not object_outline(np.full((8, 8, 3), 0.1)).any()  # nothing bright: no outline
