@@ -3,6 +3,9 @@
 import os
 
 os.environ["MINISD_QUICK"] = "1"
+# An exercise's solution cell ends with its check: here a wrong answer fails the test (for a learner,
+# `minisd.exercises.check` only prints).
+os.environ["MINISD_CHECK_STRICT"] = "1"
 collect_ignore = ["regenerate.py"]
 
 

@@ -1,0 +1,313 @@
+"""Checks for the course's exercises: `check("01.2", answer)` prints ✓, or what is off and a hint.
+
+Every exercise with a checkable answer has one check here, named by its chapter and number
+("01.2" is exercise 2 of notebook 01). A check accepts what the exercise asks for — a number,
+a tensor, or a function, which it runs on inputs the learner has not seen — and compares it with
+a reference computed here from first principles or from `minisd` itself. It never prints the
+answer, and it never raises on a wrong answer or on an answer that raises: a learner gets a
+message, not a traceback. `check` returns True or False, so a test can use it.
+
+Exercises without a checkable answer (a derivation, an essay question, an open experiment) have
+no check; their notebooks give a "what you should see" note and a reference result instead.
+`EXERCISES` lists every exercise of the chapters done so far with how it is checked.
+
+The student edition of the notebooks, with every solution cell removed, is built by
+`python -m minisd.exercises student --out DIR` (see `student_edition`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MISSING = object()  # `check(id)` without an answer
+
+
+class NotAnswered(Exception):
+    """Raised inside a check when the learner's function is still the scaffold (it returns None)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One exercise's check: `judge(answer)` returns None when right, else what is off."""
+
+    exercise: str
+    asks: str  # what the answer is, as the notebook asks for it
+    hint: str  # shown with every wrong answer; never the answer itself
+    judge: Callable[[object], str | None]
+
+
+CHECKS: dict[str, Check] = {}
+
+# every exercise of the chapters with hints and solutions: id → "check" or what a learner should see
+EXERCISES: dict[str, str] = {}
+
+
+def exercise(exercise_id: str, asks: str, hint: str):
+    """Register the decorated function as the check of `exercise_id`."""
+
+    def register(judge):
+        CHECKS[exercise_id] = Check(exercise_id, asks, hint, judge)
+        EXERCISES[exercise_id] = "check"
+        return judge
+
+    return register
+
+
+def open_exercise(exercise_id: str, see: str) -> None:
+    """Register an exercise without a checkable answer, with what the learner should see."""
+    EXERCISES[exercise_id] = see
+
+
+def check(exercise_id: str, answer=MISSING) -> bool:
+    """Check `answer` for exercise `exercise_id` ("01.2"); print ✓ or what is off, with a hint.
+
+    Returns whether the answer is right. Raises nothing for a wrong answer, an answer that
+    raises, or no answer yet (None). With the environment variable MINISD_CHECK_STRICT=1 (the
+    test suite's run of the notebooks with their solutions) a wrong answer raises AssertionError,
+    so that a solution which no longer passes its own check fails the test."""
+    c = CHECKS.get(exercise_id)
+    if c is None:
+        known = ", ".join(sorted(CHECKS)) or "none"
+        print(f"✗ there is no check for exercise {exercise_id!r}; checks exist for: {known}")
+        return False
+    if answer is MISSING or answer is None:
+        print(f"… {exercise_id}: no answer yet. Give {c.asks}.")
+        return False
+    try:
+        problem = c.judge(answer)
+    except NotAnswered:
+        print(f"… {exercise_id}: no answer yet (your function returns None). Give {c.asks}.")
+        return False
+    except Exception as e:  # the learner's function raised: say so, do not raise
+        problem = f"your answer raised {type(e).__name__}: {e}"
+    if problem is None:
+        print(f"✓ {exercise_id}: right.")
+        return True
+    print(f"✗ {exercise_id}: {problem}\n  Hint: {c.hint}")
+    if os.environ.get("MINISD_CHECK_STRICT") == "1":
+        raise AssertionError(f"exercise {exercise_id}: {problem}")
+    return False
+
+
+# --- helpers the checks share ------------------------------------------------------------------
+
+def _call(fn, *args):
+    """fn(*args), with None (a scaffold's `...` body) read as no answer yet."""
+    if not callable(fn):
+        raise TypeError(f"the answer should be a function, got {type(fn).__name__}")
+    out = fn(*args)
+    if out is None:
+        raise NotAnswered
+    return out
+
+
+def _number(answer, name: str = "the answer") -> float:
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        raise TypeError(f"{name} should be a number, got {type(answer).__name__}")
+    if not math.isfinite(answer):
+        raise ValueError(f"{name} is {answer}")
+    return float(answer)
+
+
+def _compare(got, want: torch.Tensor, what: str, rtol: float = 1e-4, atol: float = 1e-6) -> str | None:
+    """None if `got` equals `want` (shape and values), else a message that does not show `want`."""
+    got = torch.as_tensor(got)
+    if tuple(got.shape) != tuple(want.shape):
+        return f"{what} has shape {tuple(got.shape)}; expected {tuple(want.shape)}"
+    if not torch.allclose(got.double(), want.double(), rtol=rtol, atol=atol):
+        worst = (got.double() - want.double()).abs().argmax().item()
+        return f"{what} differs from the reference, most at index {worst} (of {got.numel()})"
+    return None
+
+
+# --- chapter 00 --------------------------------------------------------------------------------
+
+@exercise("00.1", "the caption string of the rendered image",
+          "build the labels with data.encode_labels(color=…, shape=…, size=…, position=…) and pass the "
+          "same four words to data.caption")
+def _(answer):
+    from minisd.data import caption
+
+    if not isinstance(answer, str):
+        return f"the answer should be a string, got {type(answer).__name__}"
+    if answer.strip() != caption("white", "triangle", "small", "bottom right"):
+        return f"{answer!r} is not the caption of a small white triangle in the bottom right"
+    return None
+
+
+@exercise("00.2", "your hand-drawn large red square in the center: a uint8 tensor (3, 32, 32)",
+          "copy the circle's cell and change only the distance: d = max(|x − cx|, |y − cy|) − h with "
+          "h = 0.85 r; keep the coverage clamp(½ − d, 0, 1) and the + 0.5 before the uint8 rounding")
+def _(answer):
+    from minisd import data
+
+    answer = torch.as_tensor(answer)
+    if answer.dtype != torch.uint8:
+        return f"the image should be uint8 (0–255) like minisd's, got {answer.dtype}"
+    labels = data.encode_labels(color="red", shape="square", size="large", position="center")
+    want = data.render(labels, 32, jitter=False)[0]
+    if tuple(answer.shape) != tuple(want.shape):
+        return f"the image has shape {tuple(answer.shape)}; expected (3, 32, 32), channels first"
+    wrong = (answer.int() - want.int()).abs().amax(0) > 0
+    if wrong.any():
+        return f"{int(wrong.sum())} of 1024 pixels differ from minisd's render (largest difference " \
+               f"{(answer.int() - want.int()).abs().max().item()})"
+    return None
+
+
+open_exercise("00.3", "an argument: with every blue shape held out, 'blue' is never seen in training, "
+                      "so a held-out failure tests vocabulary, not composition")
+
+
+@exercise("00.4", "the chance, as a fraction (e.g. 0.25 for 25 %)",
+          "size and position are guessed independently: multiply the chance of each, 1/2 and 1/5")
+def _(answer):
+    x = _number(answer)
+    if x > 1:
+        return f"{x} is more than 1: give a fraction, not a percentage"
+    if not math.isclose(x, 0.5 * 0.2, rel_tol=1e-6):
+        return f"{x:g} is not the chance of guessing both size and position"
+    return None
+
+
+# --- chapter 01 --------------------------------------------------------------------------------
+
+@exercise("01.1", "a function x3_coefficients(alphas) → (signal, noise_variance): for three alphas "
+                  "α₁, α₂, α₃, the factor in front of x₀ in x₃ and the variance of its noise",
+          "apply x_t = √α_t x_{t−1} + √(1 − α_t) ε_t three times; independent noises add their variances")
+def _(answer):
+    g = torch.Generator().manual_seed(101)
+    for _ in range(5):  # five hidden sets of alphas
+        alphas = torch.rand(3, generator=g, dtype=torch.float64) * 0.5 + 0.45
+        got = _call(answer, alphas)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            return "the function should return two numbers: (signal factor, noise variance)"
+        signal, variance = (_number(v) for v in got)
+        if not math.isclose(signal, alphas.prod().sqrt().item(), rel_tol=1e-6):
+            return "the factor in front of x₀ is wrong for some alphas"
+        if not math.isclose(variance, 1 - alphas.prod().item(), rel_tol=1e-6, abs_tol=1e-12):
+            return "the noise variance is wrong for some alphas (the factor in front of x₀ is right)"
+    return None
+
+
+def _linear_abar_end(beta_end: float) -> float:
+    from minisd.diffusion import NoiseSchedule
+
+    return NoiseSchedule(1000, "linear", beta_start=1e-4, beta_end=beta_end).alphas_cumprod[-1].item()
+
+
+@exercise("01.2", "the smallest β_end (to two significant figures) for which ᾱ_{T−1} < 10⁻³ with T = 1000",
+          "solve T(β_start + β_end)/2 = ln 1000 for β_end, then check with "
+          "NoiseSchedule(1000, 'linear', beta_end=…).alphas_cumprod[-1]")
+def _(answer):
+    b = _number(answer, "β_end")
+    if not 0 < b < 1:
+        return f"β_end = {b:g} is not a noise rate between 0 and 1"
+    if _linear_abar_end(b) >= 1e-3:
+        return f"with β_end = {b:g}, ᾱ_(T−1) is still {_linear_abar_end(b):.1e}, not below 10⁻³"
+    if _linear_abar_end(b / 1.1) < 1e-3:
+        return f"β_end = {b:g} works, but a value 10 % smaller works too: find the smallest"
+    return None
+
+
+@exercise("01.3", "a function logsnr_betas(T) → β (T,), float64, for log SNR falling linearly from +10 "
+                  "(t = 0) to −10 (t = T − 1)",
+          "ᾱ_t = sigmoid(λ_t) with λ_t = torch.linspace(10, −10, T); then β_t = 1 − ᾱ_t / ᾱ_{t−1} "
+          "with ᾱ_{−1} = 1")
+def _(answer):
+    for T in (7, 1000):
+        abar = torch.sigmoid(torch.linspace(10, -10, T, dtype=torch.float64))
+        want = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        problem = _compare(_call(answer, T), want, f"β for T = {T}", rtol=1e-5, atol=1e-9)
+        if problem:
+            return problem
+    return None
+
+
+@exercise("01.4", "ᾱ_9 of the linear schedule with T = 10 (β from 10⁻⁴ to 0.02)",
+          "NoiseSchedule(10, 'linear').alphas_cumprod[-1], or the product of (1 − β_t) over the 10 steps")
+def _(answer):
+    from minisd.diffusion import NoiseSchedule
+
+    want = NoiseSchedule(10, "linear", beta_start=1e-4, beta_end=0.02).alphas_cumprod[-1].item()
+    x = _number(answer)
+    if not math.isclose(x, want, rel_tol=1e-3):
+        return f"{x:.4g} is not ᾱ_9 of this schedule"
+    return None
+
+
+open_exercise("01.5", "the 'corr < 0.5' timestep moves later for x0 * 2 and earlier for x0 * 0.5: "
+                      "signal-to-noise is (scale² · ᾱ)/(1 − ᾱ), so a smaller data scale is noise sooner")
+
+
+# --- the student edition -----------------------------------------------------------------------
+
+SOLUTION_TAG = "solution"
+
+
+def student_edition(notebooks, out) -> list[Path]:
+    """Write each notebook to folder `out` with every cell tagged `solution` removed and the outputs
+    cleared (nbconvert's TagRemovePreprocessor and ClearOutputPreprocessor); hints stay, collapsed.
+    Returns the paths written."""
+    import nbformat
+    from nbconvert.preprocessors import ClearOutputPreprocessor, TagRemovePreprocessor
+    from traitlets.config import Config
+
+    from minisd.errors import MinisdError
+
+    config = Config()
+    config.TagRemovePreprocessor.remove_cell_tags = {SOLUTION_TAG}
+    remove = TagRemovePreprocessor(config=config)
+    clear = ClearOutputPreprocessor()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in map(Path, notebooks):
+        if path.suffix != ".ipynb" or not path.is_file():
+            raise MinisdError(f"{str(path)!r} is not a notebook file (.ipynb)")
+        nb = nbformat.read(path, as_version=4)
+        nb, _ = remove.preprocess(nb, {})
+        nb, _ = clear.preprocess(nb, {})
+        target = out / path.name
+        tmp = target.with_name(f".{target.name}.tmp")
+        nbformat.write(nb, tmp)
+        tmp.replace(target)  # atomic
+        written.append(target)
+    return written
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from minisd.errors import MinisdError
+
+    parser = argparse.ArgumentParser(prog="python -m minisd.exercises",
+                                     description="Build the student edition: the notebooks without solutions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("student", help="write the notebooks without their solution cells")
+    s.add_argument("notebooks", nargs="*", help="notebooks (default: notebooks/[0-9][0-9]_*.ipynb)")
+    s.add_argument("--out", required=True, help="folder to write the student edition into")
+    args = parser.parse_args(argv)
+    notebooks = args.notebooks or sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+    try:
+        if not notebooks:
+            raise MinisdError("no notebooks given, and none found under notebooks/ (run from the repository root)")
+        for p in student_edition(notebooks, args.out):
+            print(p)
+    except MinisdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The exercise checks (`minisd.exercises`) and the student edition of the notebooks.
+
+Each check must accept a right answer and turn down a wrong one; the right answers here are
+worked out independently of the checks (by hand or by brute force), the wrong ones are the
+mistakes a learner makes. The student edition is built with nbconvert and run under nbval."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisd import data
+from minisd.diffusion import NoiseSchedule
+from minisd.exercises import CHECKS, EXERCISES, check, main, student_edition
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def hand_square():
+    """A large red square in the center, drawn from its signed distance as chapter 0 draws the circle."""
+    S, r = 32, 0.21 * 32
+    ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    d = torch.maximum((xs - 16).abs(), (ys - 16).abs()) - 0.85 * r
+    return ((0.5 - d).clamp(0, 1) * torch.tensor(data.COLORS["red"]).view(3, 1, 1).float() + 0.5).to(torch.uint8)
+
+
+def smallest_beta_end():
+    """The smallest β_end with ᾱ_999 < 1e-3, by bisection on the real schedule."""
+    lo, hi = 1e-3, 0.1
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if NoiseSchedule(1000, "linear", beta_end=mid).alphas_cumprod[-1] < 1e-3 else (mid, hi)
+    return hi
+
+
+def x3_by_simulation(alphas):
+    """x₃'s factor and noise variance, measured: run the three noising steps on 400,000 samples."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(400_000, generator=g, dtype=torch.float64)
+    x = x0
+    for a in alphas:
+        x = a.sqrt() * x + (1 - a).sqrt() * torch.randn(len(x), generator=g, dtype=torch.float64)
+    signal = (x * x0).mean() / (x0 * x0).mean()
+    return signal.item(), (x - signal * x0).var().item()
+
+
+def x3_exact(alphas):
+    return alphas.prod().sqrt(), 1 - alphas.prod()
+
+
+def logsnr_betas_by_loop(T):
+    betas, prev = [], 1.0
+    for t in range(T):
+        lam = 10 - 20 * t / (T - 1)
+        abar = 1 / (1 + math.exp(-lam))
+        betas.append(1 - abar / prev)
+        prev = abar
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+RIGHT = {
+    "00.1": lambda: "a small white triangle in the bottom right",
+    "00.2": hand_square,
+    "00.4": lambda: 0.1,
+    "01.1": lambda: x3_exact,
+    "01.2": lambda: round(smallest_beta_end() * 1.01, 4),
+    "01.3": lambda: logsnr_betas_by_loop,
+    "01.4": lambda: math.prod(1 - b for b in torch.linspace(1e-4, 0.02, 10).tolist()),
+}
+WRONG = {
+    "00.1": ["a small white triangle in the bottom left", "a white small triangle in the bottom right", 3],
+    "00.2": [hand_square().float(), hand_square()[:, :, :31], torch.roll(hand_square(), 1, dims=2)],
+    "00.4": [10, 1 / 180, 0.2, "0.1"],
+    "01.1": [lambda a: (a.prod(), 1 - a.prod()), lambda a: (a.prod().sqrt(), a.sum() - 2), lambda a: 1 / 0],
+    "01.2": [0.02, 0.012, -1, 1 / smallest_beta_end()],
+    "01.3": [lambda T: torch.linspace(1e-4, 0.02, T, dtype=torch.float64),
+             lambda T: 1 - torch.sigmoid(torch.linspace(10, -10, T, dtype=torch.float64))],
+    "01.4": [0.5, 0.001, math.nan],
+}
+
+
+def test_every_check_has_right_and_wrong_answers_here():
+    assert set(RIGHT) == set(CHECKS) == set(WRONG)
+
+
+@pytest.mark.parametrize("exercise_id", sorted(RIGHT))
+def test_check_accepts_the_right_answer(exercise_id, capsys):
+    assert check(exercise_id, RIGHT[exercise_id]()) is True
+    assert capsys.readouterr().out.startswith(f"✓ {exercise_id}")
+
+
+@pytest.mark.parametrize("exercise_id", sorted(WRONG))
+def test_check_turns_down_wrong_answers_without_raising_or_telling(exercise_id, capsys, monkeypatch):
+    monkeypatch.delenv("MINISD_CHECK_STRICT", raising=False)
+    for wrong in WRONG[exercise_id]:
+        assert check(exercise_id, wrong) is False, wrong
+        said = capsys.readouterr().out
+        assert said.startswith(f"✗ {exercise_id}") and "Hint:" in said
+
+
+def test_the_simulation_agrees_with_the_exact_x3():
+    """The right answer of 01.1 is not only algebra: three real noising steps give the same numbers."""
+    alphas = torch.tensor([0.9, 0.7, 0.8], dtype=torch.float64)
+    (s_sim, v_sim), (s, v) = x3_by_simulation(alphas), x3_exact(alphas)
+    assert abs(s_sim - s.item()) < 0.005 and abs(v_sim - v.item()) < 0.005
+
+
+def test_no_answer_yet_and_scaffolds_are_not_wrong(capsys, monkeypatch):
+    monkeypatch.setenv("MINISD_CHECK_STRICT", "1")  # not even strict mode raises for a missing answer
+
+    def scaffold(alphas):
+        ...
+
+    assert check("00.4") is False and check("00.4", None) is False and check("01.1", scaffold) is False
+    out = capsys.readouterr().out
+    assert out.count("no answer yet") == 3 and "✗" not in out
+
+
+def test_strict_mode_raises_on_a_wrong_answer(monkeypatch):
+    monkeypatch.setenv("MINISD_CHECK_STRICT", "1")
+    with pytest.raises(AssertionError, match="00.4"):
+        check("00.4", 0.2)
+
+
+def test_unknown_exercise_says_which_exist(capsys):
+    assert check("99.9", 1) is False
+    assert "00.1" in capsys.readouterr().out
+
+
+def test_messages_never_contain_the_answer(capsys):
+    check("00.4", 0.3)
+    check("01.4", 0.5)
+    out = capsys.readouterr().out
+    assert "0.1 " not in out and "10 %" not in out and "0.90" not in out
+
+
+# --- the notebooks' exercise sections ---------------------------------------------------------
+
+def cells_of(path):
+    return json.loads(Path(path).read_text())["cells"]
+
+
+def tagged(cell, tag):
+    return tag in cell.get("metadata", {}).get("tags", [])
+
+
+WITH_SOLUTIONS = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")
+                        if any(tagged(c, "solution") for c in cells_of(p)))
+
+
+def test_some_notebooks_have_solutions():
+    assert {p.name[:2] for p in WITH_SOLUTIONS} >= {"00", "01"}
+
+
+@pytest.mark.parametrize("path", WITH_SOLUTIONS, ids=lambda p: p.name[:2])
+def test_every_exercise_has_a_hint_a_solution_and_a_check_or_a_reference(path):
+    cells = cells_of(path)
+    start = next(i for i, c in enumerate(cells) if "".join(c["source"]).startswith("## Exercises"))
+    chapter = path.name[:2]
+    numbers, seen = [], {}
+    current = None
+    for c in cells[start + 1:]:
+        text = "".join(c["source"])
+        m = re.match(r"\*\*(\d+)\. ", text)
+        if c["cell_type"] == "markdown" and m and not c["metadata"].get("tags"):
+            current = f"{chapter}.{int(m.group(1))}"
+            numbers.append(current)
+            continue
+        if current is None:
+            continue
+        for tag in ("hint", "solution"):
+            if tagged(c, tag):
+                assert c["metadata"]["jupyter"]["source_hidden"] is True, f"{current}: {tag} not collapsed"
+                seen.setdefault(current, set()).add(tag)
+        for used in re.findall(r'check\("(\d\d\.\d+)"', text):
+            assert used == current, f"a cell of exercise {current} checks {used}"
+            seen.setdefault(current, set()).add("check" if not tagged(c, "solution") else "solution")
+    assert numbers == [f"{chapter}.{k}" for k in range(1, len(numbers) + 1)]
+    for ex in numbers:
+        assert {"hint", "solution"} <= seen.get(ex, set()), f"{ex} lacks a hint or a solution"
+        assert ex in EXERCISES, f"{ex} is not listed in minisd.exercises.EXERCISES"
+        if EXERCISES[ex] == "check":
+            assert "check" in seen[ex], f"{ex} has a check but no cell calls it"
+
+
+def test_student_edition_removes_solutions_only(tmp_path):
+    written = student_edition(WITH_SOLUTIONS, tmp_path)
+    assert [p.name for p in written] == [p.name for p in WITH_SOLUTIONS]
+    for original, student in zip(WITH_SOLUTIONS, written):
+        before, after = cells_of(original), cells_of(student)
+        kept = [c for c in before if not tagged(c, "solution")]
+        assert len(after) == len(kept) < len(before)
+        assert [c["source"] for c in after] == [c["source"] for c in kept]
+        assert not any(tagged(c, "solution") for c in after) and any(tagged(c, "hint") for c in after)
+        assert all(not c.get("outputs") for c in after)
+
+
+def test_student_edition_bad_input(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a notebook")
+    assert main(["student", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.txt" in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / "notes.txt").exists()
+
+
+def test_student_edition_runs_top_to_bottom(tmp_path):
+    """The student edition of every notebook with solutions, run as the test suite runs the notebooks
+    (nbval, quick mode): without its solutions each still runs, and every check says 'no answer yet'."""
+    written = student_edition(WITH_SOLUTIONS, tmp_path)
+    env = {**os.environ, "MINISD_QUICK": "1", "MINISD_CHECK_STRICT": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                             "--nbval-current-env", "--rootdir", str(tmp_path), *map(str, written)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
