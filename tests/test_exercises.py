@@ -22,6 +22,13 @@ from minisd.exercises import CHECKS, EXERCISES, check, main, student_edition
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
+@pytest.fixture(autouse=True)
+def learner_mode(monkeypatch):
+    """As a learner runs `check`: not strict (notebooks/conftest.py sets MINISD_CHECK_STRICT=1 for the
+    whole test session; the tests of strict mode set it themselves)."""
+    monkeypatch.delenv("MINISD_CHECK_STRICT", raising=False)
+
+
 def hand_square():
     """A large red square in the center, drawn from its signed distance as chapter 0 draws the circle."""
     S, r = 32, 0.21 * 32
@@ -96,8 +103,7 @@ def test_check_accepts_the_right_answer(exercise_id, capsys):
 
 
 @pytest.mark.parametrize("exercise_id", sorted(WRONG))
-def test_check_turns_down_wrong_answers_without_raising_or_telling(exercise_id, capsys, monkeypatch):
-    monkeypatch.delenv("MINISD_CHECK_STRICT", raising=False)
+def test_check_turns_down_wrong_answers_without_raising_or_telling(exercise_id, capsys):
     for wrong in WRONG[exercise_id]:
         assert check(exercise_id, wrong) is False, wrong
         said = capsys.readouterr().out
