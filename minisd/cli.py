@@ -6,6 +6,7 @@
     minisd eval   --run runs/cpu                  print (and store) each component's figures
     minisd export --run runs/cpu --out DIR        the sampling parts, weights in float16, to ship
     minisd bench  [SUITE …] [--preset cpu] [--quick]  speed figures on this machine (table + bench.json)
+    minisd student [NOTEBOOK …] --out student/    the notebooks without their solution cells
 
 A user mistake prints one line `error: …` and exits with status 2; nothing on disk is touched.
 """
@@ -129,6 +130,16 @@ def cmd_bench(args) -> None:
     print(f"\nwrote {args.out}")
 
 
+def cmd_student(args) -> None:
+    from minisd.exercises import student_edition
+
+    notebooks = args.notebooks or sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise MinisdError("no notebooks given, and none found under notebooks/ (run from the repository root)")
+    for path in student_edition(notebooks, args.out):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="minisd", description="A small Stable Diffusion, built from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -211,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="a smoke run: tiny preset sizes, 2 timed steps, few images (for tests)")
     b.set_defaults(func=cmd_bench)
+
+    st = sub.add_parser("student", help="write the notebooks without their solution cells (the student edition)")
+    st.add_argument("notebooks", nargs="*", help="notebooks (default: notebooks/[0-9][0-9]_*.ipynb)")
+    st.add_argument("--out", required=True, help="folder to write the student edition into")
+    st.set_defaults(func=cmd_student)
     return p
 
 

@@ -12,7 +12,7 @@ no check; their notebooks give a "what you should see" note and a reference resu
 `EXERCISES` lists every exercise of the chapters done so far with how it is checked.
 
 The student edition of the notebooks, with every solution cell removed, is built by
-`python -m minisd.exercises student --out DIR` (see `student_edition`).
+`minisd student --out DIR` or `python -m minisd.exercises student --out DIR` (see `student_edition`).
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def _(answer):
     want = data.render(labels, 32, jitter=False)[0]
     if tuple(answer.shape) != tuple(want.shape):
         return f"the image has shape {tuple(answer.shape)}; expected (3, 32, 32), channels first"
-    wrong = (answer.int() - want.int()).abs().amax(0) > 0
+    diff = (answer.int() - want.int()).abs()
+    wrong = diff.amax(0) > 0
     if wrong.any():
-        return f"{int(wrong.sum())} of 1024 pixels differ from minisd's render (largest difference " \
-               f"{(answer.int() - want.int()).abs().max().item()})"
+        return f"{int(wrong.sum())} of 1024 pixels differ from minisd's render (largest difference {diff.max().item()})"
     return None
 
 
@@ -211,8 +211,9 @@ def _(answer):
     b = _number(answer, "β_end")
     if not 0 < b < 1:
         return f"β_end = {b:g} is not a noise rate between 0 and 1"
-    if _linear_abar_end(b) >= 1e-3:
-        return f"with β_end = {b:g}, ᾱ_(T−1) is still {_linear_abar_end(b):.1e}, not below 10⁻³"
+    end = _linear_abar_end(b)
+    if end >= 1e-3:
+        return f"with β_end = {b:g}, ᾱ_(T−1) is still {end:.1e}, not below 10⁻³"
     if _linear_abar_end(b / 1.1) < 1e-3:
         return f"β_end = {b:g} works, but a value 10 % smaller works too: find the smallest"
     return None
@@ -261,6 +262,7 @@ def student_edition(notebooks, out) -> list[Path]:
     from nbconvert.preprocessors import ClearOutputPreprocessor, TagRemovePreprocessor
     from traitlets.config import Config
 
+    from minisd.checkpoint import atomic_write
     from minisd.errors import MinisdError
 
     config = Config()
@@ -277,36 +279,16 @@ def student_edition(notebooks, out) -> list[Path]:
         nb, _ = remove.preprocess(nb, {})
         nb, _ = clear.preprocess(nb, {})
         target = out / path.name
-        tmp = target.with_name(f".{target.name}.tmp")
-        nbformat.write(nb, tmp)
-        tmp.replace(target)  # atomic
+        atomic_write(target, lambda tmp, nb=nb: nbformat.write(nb, tmp))
         written.append(target)
     return written
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
+    """`python -m minisd.exercises student …` is `minisd student …` (the command's errors: one line, status 2)."""
+    from minisd.cli import main as cli_main
 
-    from minisd.errors import MinisdError
-
-    parser = argparse.ArgumentParser(prog="python -m minisd.exercises",
-                                     description="Build the student edition: the notebooks without solutions.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("student", help="write the notebooks without their solution cells")
-    s.add_argument("notebooks", nargs="*", help="notebooks (default: notebooks/[0-9][0-9]_*.ipynb)")
-    s.add_argument("--out", required=True, help="folder to write the student edition into")
-    args = parser.parse_args(argv)
-    notebooks = args.notebooks or sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
-    try:
-        if not notebooks:
-            raise MinisdError("no notebooks given, and none found under notebooks/ (run from the repository root)")
-        for p in student_edition(notebooks, args.out):
-            print(p)
-    except MinisdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
