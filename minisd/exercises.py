@@ -249,6 +249,89 @@ open_exercise("01.5", "the 'corr < 0.5' timestep moves later for x0 * 2 and earl
                       "signal-to-noise is (scale² · ᾱ)/(1 − ᾱ), so a smaller data scale is noise sooner")
 
 
+# --- chapter 02 --------------------------------------------------------------------------------
+
+@exercise("02.1", "a pair (timesteps for n = 1, timesteps for n = 2) that DDIMSampler(schedule, n) visits with the "
+                  "default 'leading' spacing, each a list of integers in the order they are visited",
+          "the 'leading' list is 0, k, 2k, … with k = T // n (T = 1000), visited from the largest down; "
+          "it never visits T − 1")
+def _(answer):
+    from minisd.samplers import make_timesteps
+
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        return "give two lists, one for n = 1 and one for n = 2: answer = (…, …)"
+    for n, got in zip((1, 2), answer):
+        got = torch.as_tensor(got).reshape(-1)
+        want = make_timesteps(1000, n, "leading")
+        if got.numel() != n:
+            return f"the list for n = {n} has {got.numel()} timesteps; a sampler with n steps visits n"
+        if got.is_floating_point() and not torch.equal(got, got.round()):
+            return f"the list for n = {n} holds non-integer timesteps"
+        got = got.long()
+        if n > 1 and torch.equal(got.flip(0), want) and not torch.equal(got, want):
+            return f"the list for n = {n} is in the wrong order: a sampler visits the noisiest timestep first"
+        if not torch.equal(got, want):
+            return f"the list for n = {n} is not the one DDIMSampler(schedule, {n}) visits"
+    return None
+
+
+def _posterior_variance(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
+    """Var(x_t' | x_t, x_0) for the jump from t' to t, by Gaussian conditioning: x_t' has variance 1 − ᾱ_t' given x_0,
+    x_t = √α x_t' + √(1 − α) ε with α = ᾱ_t/ᾱ_t', so Cov(x_t', x_t) = √α (1 − ᾱ_t') and Var(x_t) = 1 − ᾱ_t."""
+    alpha = abar_t / abar_prev
+    return (1 - abar_prev) - alpha * (1 - abar_prev) ** 2 / (1 - abar_t)
+
+
+@exercise("02.3", "a function ddim_variance(abar_t, abar_prev, eta) → σ_t², the variance of the noise that a DDIM "
+                  "step from t to t' adds (abar_t = ᾱ_t, abar_prev = ᾱ_t' > ᾱ_t, as 0-d float64 tensors)",
+          "σ_t = η · √((1 − ᾱ_t')/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_t'); the function returns the variance σ_t², "
+          "so η is squared as well")
+def _(answer):
+    g = torch.Generator().manual_seed(203)
+    pairs = []
+    for _ in range(6):  # hidden pairs ᾱ_t < ᾱ_t'
+        abar_prev = torch.rand((), generator=g, dtype=torch.float64) * 0.9 + 0.05
+        pairs.append((abar_prev * (torch.rand((), generator=g, dtype=torch.float64) * 0.9 + 0.05), abar_prev))
+    for eta in (1.0, 0.5, 0.25, 0.0):
+        for abar_t, abar_prev in pairs:
+            got = _number(_call(answer, abar_t.clone(), abar_prev.clone(), eta), "σ_t²")
+            want = eta**2 * _posterior_variance(abar_t, abar_prev).item()
+            if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12):
+                if eta == 1.0:
+                    return "at η = 1 the variance is wrong for some (ᾱ_t, ᾱ_t'): there it should be the variance of " \
+                           "DDPM's posterior for the same jump"
+                return f"right at η = 1, but wrong at η = {eta}: how does σ_t² grow with η?"
+    return None
+
+
+@exercise("02.4", "a function cluster_shares(points, centres) → a tensor (K,): the fraction of the points (N, 2) "
+                  "whose nearest of the K centres (K, 2) is centre k",
+          "torch.cdist(points, centres).argmin(dim=1) is each point's nearest centre; count with "
+          "torch.bincount(…, minlength=K), so that a centre no point is near still gets its 0, and divide by N")
+def _(answer):
+    g = torch.Generator().manual_seed(204)
+    for K, N in ((8, 500), (3, 37)):
+        centres = torch.randn(K, 2, generator=g) * 2
+        points = centres[torch.randint(0, K, (N,), generator=g)] + 0.7 * torch.randn(N, 2, generator=g)
+        centres = torch.cat([centres, torch.tensor([[50.0, 50.0]])])  # a centre no point is near: its share is 0
+        nearest = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1).argmin(1)  # (N,)
+        want = torch.zeros(K + 1, dtype=torch.float64).index_add_(0, nearest, torch.ones(N, dtype=torch.float64)) / N
+        got = torch.as_tensor(_call(answer, points.clone(), centres.clone())).double()
+        if got.shape == want.shape and math.isclose(got.sum().item(), N, rel_tol=1e-6):
+            return "these look like counts: give fractions (divide by the number of points)"
+        problem = _compare(got, want, f"the shares for {K + 1} centres", rtol=1e-5, atol=1e-7)
+        if problem:
+            return problem
+    return None
+
+
+open_exercise("02.2", "with trailing spacing, 'fixed_large' is worse at 20 steps (MMD² higher in 6 of 6 runs, mean NN "
+                      "distance 0.123 against 0.055) and barely at 100: its last step adds noise of sd 0.170 (20 steps) "
+                      "that no later step removes, where 'fixed_small' adds none")
+open_exercise("02.5", "12 blocks at about the same compute (half the steps, 1.9× the time per step) do not draw more "
+                      "single objects: one blob 39 % against 48 % of 64 samples, within the standard error")
+
+
 # --- the student edition -----------------------------------------------------------------------
 
 SOLUTION_TAG = "solution"

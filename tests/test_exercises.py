@@ -92,6 +92,38 @@ WRONG = {
 }
 
 
+def ddim_variance_paper(abar_t, abar_prev, eta):
+    """σ_t² as DDIM's eq. 16 writes it (Song et al. 2021): η² (1 − ᾱ_t')/(1 − ᾱ_t) (1 − ᾱ_t/ᾱ_t')."""
+    return eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+
+
+def cluster_shares_by_loop(points, centres):
+    """Each point's nearest centre by a plain loop over the centres, then the fraction per centre."""
+    counts = [0] * len(centres)
+    for p in points.tolist():
+        dists = [(p[0] - c[0]) ** 2 + (p[1] - c[1]) ** 2 for c in centres.tolist()]
+        counts[dists.index(min(dists))] += 1
+    return torch.tensor(counts, dtype=torch.float64) / len(points)
+
+
+RIGHT.update({
+    "02.1": lambda: ([0], [500, 0]),  # by hand: k = 1000 // n, the list 0, k, …, visited from the top
+    "02.3": lambda: ddim_variance_paper,
+    "02.4": lambda: cluster_shares_by_loop,
+})
+WRONG.update({
+    "02.1": [([999], [999, 499]), ([0], [0, 500]), ([1000], [1000, 500]), [0, 500], ([0], [500])],
+    "02.3": [lambda a, p, e: ddim_variance_paper(a, p, e).sqrt(),                    # σ, not σ²
+             lambda a, p, e: e * (1 - p) / (1 - a) * (1 - a / p),                   # η not squared
+             lambda a, p, e: e**2 * (1 - a / p),                                     # the forward β of the jump
+             lambda a, p, e: ddim_variance_paper(p, a, e),                           # ᾱ_t and ᾱ_t' swapped
+             lambda a, p, e: 1 / 0],
+    "02.4": [lambda x, c: torch.bincount(torch.cdist(x, c).argmin(1), minlength=len(c)),          # counts
+             lambda x, c: torch.bincount(torch.cdist(x, c).argmax(1), minlength=len(c)) / len(x),  # farthest
+             lambda x, c: torch.bincount(torch.cdist(x, c).argmin(1)) / len(x)],                   # no minlength
+})
+
+
 def test_every_check_has_right_and_wrong_answers_here():
     assert set(RIGHT) == set(CHECKS) == set(WRONG)
 
