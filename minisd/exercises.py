@@ -332,6 +332,144 @@ open_exercise("02.5", "12 blocks at about the same compute (half the steps, 1.9�
                       "single objects: one blob 39 % against 48 % of 64 samples, within the standard error")
 
 
+# --- chapter 06 --------------------------------------------------------------------------------
+
+def _kl_terms(mean, logvar):
+    """KL(N(μ, σ²) ‖ N(0, 1)) of each latent number (B, C, h, w), in nats."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar)
+
+
+@exercise("06.1", "a function active_channels(mean, logvar) → int: for posterior means and log-variances "
+                  "(B, C, h, w), the number of channels whose KL to N(0, 1) per image is at least one bit",
+          "a channel's KL per image is ½(μ² + σ² − 1 − log σ²) summed over its h × w positions, then averaged "
+          "over the B images; one bit is log 2 ≈ 0.693 nats")
+def _(answer):
+    g = torch.Generator().manual_seed(601)
+    # per-number KLs chosen so that summing over positions, the one-bit threshold in nats and the
+    # average over images all matter: channel 0 ≈ 0.02 nats per number (1.3 per image: active),
+    # channel 1 ≈ 0.85 nats per image in all (active only by the nats threshold, not by 1 nat),
+    # channel 2 ≈ 0.3 per image (inactive), channel 3 active in one image only, 0.6 on average
+    B, h, w = 6, 8, 8
+    target = torch.zeros(B, 4, h, w, dtype=torch.float64)
+    target[:, 0] = 1.3 / (h * w)
+    target[:, 1] = 0.85 / (h * w)
+    target[:, 2] = 0.3 / (h * w)
+    target[0, 3] = 3.6 / (h * w)
+    for trial in range(2):
+        # a posterior with exactly these KLs: σ² = 1, μ = ±√(2 KL); then shuffle the channel order
+        sign = torch.where(torch.rand(B, 4, h, w, generator=g) < 0.5, -1.0, 1.0).double()
+        mean, logvar = sign * (2 * target).sqrt(), torch.zeros_like(target)
+        if trial == 1:  # a second posterior: part of the KL from σ² ≠ 1 (the μ² part alone is not enough)
+            logvar = torch.full_like(target, -0.02)
+            mean = sign * (2 * target - (logvar.exp() - 1 - logvar)).clamp(min=0).sqrt()
+        perm = torch.randperm(4, generator=g)
+        mean, logvar = mean[:, perm].float(), logvar[:, perm].float()
+        want = int((_kl_terms(mean.double(), logvar.double()).sum(dim=(2, 3)).mean(0) >= math.log(2)).sum())
+        got = _call(answer, mean, logvar)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, float) and got.is_integer():
+            got = int(got)
+        if isinstance(got, bool) or not isinstance(got, int):
+            return f"the function should return a whole number of channels, got {type(got).__name__}"
+        if got != want:
+            return f"it counts {got} active channels on a hidden posterior (B, 4, 8, 8) where that is not the count"
+    return None
+
+
+@exercise("06.2", "a function sample_psnr(model, images, generator) → float: the mean PSNR (dB) of the images "
+                  "decoded from one posterior *sample* each, against the images (uint8, N × 3 × 32 × 32)",
+          "normalize the images, encode, draw z = model.encode(x).sample(generator), decode, denormalize, "
+          "and measure minisd.vae.psnr against images / 255 (both in [0, 1])")
+def _(answer):
+    from minisd.data import Shapes, denormalize, normalize
+    from minisd.vae import VAE, VAEConfig, psnr
+
+    torch.manual_seed(602)
+    model = VAE(VAEConfig(channels=(8, 8), norm_groups=4)).eval()
+    images = Shapes("test", 12, seed=602).images
+    with torch.no_grad():
+        q = model.encode(normalize(images))
+        want = psnr(denormalize(model.decode(q.sample(torch.Generator().manual_seed(6)))), images.float() / 255)
+        from_mean = psnr(denormalize(model.decode(q.mode())), images.float() / 255)
+        got = _number(_call(answer, model, images, torch.Generator().manual_seed(6)), "the PSNR")
+    if abs(got - want) < 1e-3:
+        return None
+    if abs(got - from_mean) < 1e-3:
+        return "that is the PSNR of the posterior mean, not of a sample"
+    return "the PSNR differs from that of the decoded posterior samples (on a hidden model and images)"
+
+
+open_exercise("06.3", "PSNR 32.5 / 33.8 / 34.8 dB with 2 / 4 / 8 latent channels, colour kept by all three; the KL "
+                      "per image grows with the channels: 4 is a trade-off between reconstruction and what the "
+                      "diffusion model must learn")
+
+
+@exercise("06.4", "a function attribute_accuracy(images, labels) → tensor (4,): the share of images (N, 3, 32, 32, "
+                  "floats in [0, 1]) whose colour, shape, size and position minisd.metrics.read_attributes reads as "
+                  "the labels (N, 4) say",
+          "read = read_attributes(images) gives labels (N, 4), −1 where no object is found; compare it with "
+          "`labels` column by column and average over the images (dim 0)")
+def _(answer):
+    from minisd.data import Shapes
+    from minisd.metrics import read_attributes
+
+    data = Shapes("test", 40, seed=604)
+    images = data.images.float() / 255
+    g = torch.Generator().manual_seed(604)
+    images[:8] = images[torch.randperm(40, generator=g)[:8]]  # some images that do not fit their labels
+    images[8:12] = 0  # and some with no object at all
+    want = (read_attributes(images) == data.labels).float().mean(0)
+    got = _call(answer, images.clone(), data.labels.clone())
+    got = torch.as_tensor(got)
+    if got.numel() == 1:
+        return "give one share per attribute (4 numbers), not one for all"
+    if got.max() > 1:
+        return "give shares between 0 and 1, not percentages or counts"
+    return _compare(got.float().flatten(), want, "the shares", rtol=1e-4, atol=1e-4)
+
+
+@exercise("06.5", "a function noise_latents(z, abar, scale, eps) → the latent the decoder gets: z scaled, "
+                  "noised to ᾱ = abar as the diffusion model does, and unscaled again",
+          "the diffusion model sees s·z; noising gives √ᾱ·(s·z) + √(1 − ᾱ)·ε; the decoder needs that divided by s")
+def _(answer):
+    g = torch.Generator().manual_seed(605)
+    for abar, scale in ((0.9, 1.35), (0.3, 0.18215), (0.05, 2.0)):
+        z = torch.randn(2, 4, 8, 8, generator=g) * 0.7
+        eps = torch.randn(2, 4, 8, 8, generator=g)
+        want = (math.sqrt(abar) * scale * z + math.sqrt(1 - abar) * eps) / scale
+        got = _call(answer, z.clone(), abar, scale, eps.clone())
+        problem = _compare(got, want, f"the latent for ᾱ = {abar}, scale {scale}", rtol=1e-4, atol=1e-5)
+        if problem:
+            return problem
+    return None
+
+
+@exercise("06.6", "a function nearest_mean_accuracy(train_x, train_y, test_x, test_y) → float: the accuracy on "
+                  "the test rows of the classifier that assigns each row the class whose mean training row is nearest",
+          "means = torch.stack([train_x[train_y == k].mean(0) for k in classes]); each test row gets the class "
+          "of the nearest mean (torch.cdist, then argmin); accuracy is the share of rows where that is test_y")
+def _(answer):
+    g = torch.Generator().manual_seed(606)
+    for dim, classes in ((5, 3), (64, 4)):
+        centres = torch.randn(classes, dim, generator=g) * 0.8
+        def draw(n):
+            y = torch.randint(0, classes, (n,), generator=g)
+            y[:classes] = torch.arange(classes)  # every class present
+            spread = 1 + 2 * (torch.rand(n, 1, generator=g) < 0.2)  # some far-flung rows: 1-NN differs
+            return centres[y] + torch.randn(n, dim, generator=g) * spread, y
+        (tx, ty), (vx, vy) = draw(200), draw(150)
+        labels = ty.unique()
+        means = torch.stack([tx[ty == k].mean(0) for k in labels])
+        want = (labels[torch.cdist(vx, means).argmin(1)] == vy).float().mean().item()
+        got = _number(_call(answer, tx.clone(), ty.clone(), vx.clone(), vy.clone()), "the accuracy")
+        if got > 1:
+            return "give the accuracy as a fraction between 0 and 1"
+        if abs(got - want) > 1e-6:
+            return f"the accuracy on hidden data ({dim} features, {classes} classes) differs from the nearest-mean classifier's"
+    return None
+
+
 # --- the student edition -----------------------------------------------------------------------
 
 SOLUTION_TAG = "solution"

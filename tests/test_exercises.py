@@ -124,6 +124,98 @@ WRONG.update({
 })
 
 
+def active_channels_by_distributions(mean, logvar):
+    """06.1 by torch.distributions: each number's KL to N(0, 1), one channel at a time in a loop."""
+    from torch.distributions import Normal, kl_divergence
+
+    count = 0
+    for c in range(mean.shape[1]):
+        q = Normal(mean[:, c].double(), (0.5 * logvar[:, c].double()).exp())
+        per_image = kl_divergence(q, Normal(0.0, 1.0)).flatten(1).sum(1)  # (B,)
+        count += bool(per_image.mean() >= math.log(2))
+    return count
+
+
+def sample_psnr_by_hand(model, images, generator):
+    """06.2 with the PSNR written out: 10·log10(1 / MSE) per image, pixels in [0, 1]."""
+    with torch.no_grad():
+        z = model.encode(images.float() / 127.5 - 1).sample(generator)
+        recon = ((model.decode(z) + 1) / 2).clamp(0, 1)
+    mse = ((recon - images.float() / 255) ** 2).reshape(len(images), -1).mean(1)
+    return sum(10 * math.log10(1 / m) for m in mse.tolist()) / len(images)
+
+
+def sample_psnr_wrong(use):
+    from minisd.vae import psnr
+
+    def f(model, images, generator):
+        with torch.no_grad():
+            q = model.encode(data.normalize(images))
+            if use == "mean":
+                return psnr(data.denormalize(model.decode(q.mode())), images.float() / 255)
+            if use == "no denormalize":
+                return psnr(model.decode(q.sample(generator)), data.normalize(images))
+            return psnr(data.denormalize(model.decode(q.sample(torch.Generator().manual_seed(99)))),
+                        images.float() / 255)  # its own noise, not the generator passed in
+    return f
+
+
+def attribute_accuracy_by_loop(images, labels):
+    """06.4 counted image by image and attribute by attribute."""
+    from minisd.metrics import read_attributes
+
+    right = [0, 0, 0, 0]
+    for image, label in zip(images, labels):
+        read = read_attributes(image[None])[0].tolist()
+        for k in range(4):
+            right[k] += read[k] == label[k].item()
+    return torch.tensor(right) / len(images)
+
+
+def noise_latents_rewritten(z, abar, scale, eps):
+    """06.5: the scale cancels on the signal, so only the noise is divided by it."""
+    return math.sqrt(abar) * z + math.sqrt(1 - abar) / scale * eps
+
+
+def nearest_mean_by_loop(train_x, train_y, test_x, test_y):
+    """06.6: class means and distances in plain Python loops."""
+    classes = sorted(set(train_y.tolist()))
+    means = {k: train_x[train_y == k].mean(0) for k in classes}
+    right = 0
+    for x, y in zip(test_x, test_y):
+        best = min(classes, key=lambda k: ((x - means[k]) ** 2).sum().item())
+        right += best == y.item()
+    return right / len(test_y)
+
+
+def nearest_neighbour(train_x, train_y, test_x, test_y):
+    return (train_y[torch.cdist(test_x, train_x).argmin(1)] == test_y).float().mean().item()
+
+
+RIGHT.update({
+    "06.1": lambda: active_channels_by_distributions,
+    "06.2": lambda: sample_psnr_by_hand,
+    "06.4": lambda: attribute_accuracy_by_loop,
+    "06.5": lambda: noise_latents_rewritten,
+    "06.6": lambda: nearest_mean_by_loop,
+})
+WRONG.update({
+    "06.1": [lambda m, lv: int((0.5 * (m**2 + lv.exp() - 1 - lv)).sum(dim=(2, 3)).mean(0).ge(1.0).sum()),  # 1 nat
+             lambda m, lv: int((0.5 * (m**2 + lv.exp() - 1 - lv)).mean(dim=(2, 3)).mean(0).ge(math.log(2)).sum()),
+             lambda m, lv: int((0.5 * (m**2 + lv.exp() - 1 - lv)).sum(dim=(2, 3)).amax(0).ge(math.log(2)).sum())],
+    "06.2": [sample_psnr_wrong("mean"), sample_psnr_wrong("no denormalize"), sample_psnr_wrong("other noise")],
+    "06.4": [lambda x, y: attribute_accuracy_by_loop(x, y).mean(),
+             lambda x, y: 100 * attribute_accuracy_by_loop(x, y),
+             lambda x, y: attribute_accuracy_by_loop(x, y.flip(1))],
+    "06.5": [lambda z, a, s, e: math.sqrt(a) * s * z + math.sqrt(1 - a) * e,
+             lambda z, a, s, e: math.sqrt(a) * z + math.sqrt(1 - a) * e,
+             lambda z, a, s, e: a * z + (1 - a) / s * e],
+    "06.6": [nearest_neighbour,
+             lambda *a: 1 - nearest_mean_by_loop(*a),
+             lambda tx, ty, vx, vy: nearest_mean_by_loop(tx, ty, tx, ty)],
+})
+
+
 def test_every_check_has_right_and_wrong_answers_here():
     assert set(RIGHT) == set(CHECKS) == set(WRONG)
 
