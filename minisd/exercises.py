@@ -332,6 +332,89 @@ open_exercise("02.5", "12 blocks at about the same compute (half the steps, 1.9�
                       "single objects: one blob 39 % against 48 % of 64 samples, within the standard error")
 
 
+# --- chapter 05 --------------------------------------------------------------------------------
+
+@exercise("05.3", "a function caption_matches(labels, mentioned) → matches (B_img, B_txt) bool: "
+                  "matches[j, k] is True when image j fits caption k",
+          "image j fits caption k when, for every attribute, either the labels agree (labels[j, a] == labels[k, a]) "
+          "or caption k does not state it (mentioned[k, a] is False); broadcast labels[:, None, :] against "
+          "labels[None, :, :] and reduce over the attribute axis with .all(-1)")
+def _(answer):
+    from minisd.captions import LABEL_COUNTS
+    from minisd.clip import caption_fits
+
+    g = torch.Generator().manual_seed(505)
+    for B in (9, 64):  # hidden batches: random labels, random partial captions
+        labels = torch.stack([torch.randint(n, (B,), generator=g) for n in LABEL_COUNTS], dim=1)  # (B, 4)
+        mentioned = torch.rand(B, 4, generator=g) > 0.4  # (B, 4): which attributes caption k states
+        got = torch.as_tensor(_call(answer, labels, mentioned))
+        want = caption_fits(labels, mentioned)  # (B_img, B_txt)
+        if tuple(got.shape) != (B, B):
+            return f"for a batch of {B} the matrix has shape {tuple(got.shape)}; expected ({B}, {B})"
+        if got.dtype != torch.bool:
+            return f"the matrix should be bool (True = fits), got {got.dtype}"
+        if not got.diagonal().all():
+            return "some image does not fit its own caption: the diagonal must be all True"
+        if torch.equal(got, want.T) and not torch.equal(got, want):
+            return ("the matrix is transposed, or reads what the image's caption states: rows are images, "
+                    "columns captions, and what counts is what caption k (the column) states")
+        if not torch.equal(got, want):
+            return f"{int((got != want).sum())} of {B * B} entries differ from the rule (batch of {B})"
+    return None
+
+
+@torch.no_grad()
+def _ch05_zero_shot_accuracy(model, tokenizer, images, labels, names, templates) -> float:
+    """From first principles: each class's prompt embeddings averaged and normalised (prompt ensembling),
+    each image given its most similar class."""
+    from minisd.data import normalize
+
+    rows = []
+    for name in names:
+        ids, mask = tokenizer([t.format(name) for t in templates])
+        rows.append(model.encode_text(ids, mask).mean(0))
+    weights = torch.nn.functional.normalize(torch.stack(rows), dim=-1)  # (K, embed_dim)
+    predicted = (model.encode_image(normalize(images)) @ weights.T).argmax(1)  # (N,)
+    return (predicted == labels).float().mean().item()
+
+
+@exercise("05.4", "a function zero_shot_accuracy(model, tokenizer, images, labels, class_names, templates) → the "
+                  "fraction (0 … 1) of images whose class, read from prompts alone, equals labels",
+          "build one prompt per class and template (template.format(name)), average each class's prompt "
+          "embeddings and normalise (minisd.clip.class_embeddings does it), give each image its most similar "
+          "class, and compare with the labels")
+def _(answer):
+    from minisd.clip import CLIP, clip_presets
+    from minisd.data import VOCABULARY, Shapes
+    from minisd.tokenizer import shapes_tokenizer
+
+    config = clip_presets()["tiny"][0]
+    torch.manual_seed(55)  # a hidden, untrained model: its accuracies are far from 0, 1 and each other
+    model = CLIP(config).eval()
+    tokenizer = shapes_tokenizer(config.text.max_length, paraphrases=True)
+    data = Shapes("test", num_images=300, image_size=config.image.image_size, seed=505)
+    for k, attr, templates in ((0, "color", ["a {} shape", "there is a {} shape"]), (3, "position", ["a shape in the {}"])):
+        names = list(VOCABULARY[attr])
+        got = _number(_call(answer, model, tokenizer, data.images, data.labels[:, k], names, templates),
+                      "the accuracy")
+        if got > 1:
+            return f"the accuracy is {got:g}: give a fraction between 0 and 1, not a percentage"
+        want = _ch05_zero_shot_accuracy(model, tokenizer, data.images, data.labels[:, k], names, templates)
+        if not math.isclose(got, want, abs_tol=1e-6):
+            return f"the accuracy for {attr} (templates {templates}) differs from the reference on hidden images"
+    return None
+
+
+open_exercise("05.1", "from τ = 1 the learned τ only reaches 0.685 in 250 steps, and the model lands next to the "
+                      "τ = 1 row (shape 46.8 %): learning τ does not make its start unimportant")
+open_exercise("05.2", "the CNN tower (97,664 parameters, 12 s) reads held-out shape in 73.2 % of images against the "
+                      "ViT's 7.8 %, and test position 100 % against 24.2 % (one 250-step run each)")
+open_exercise("05.5", "with the causal mask only the changed word and <end> move; without it every token's state "
+                      "moves (by 5.4–7.4), <start>'s included")
+open_exercise("05.6", "100 or 1,000 held-out images in training do not lift held-out shape at 250 steps (6.2 %, "
+                      "8.4 % against 7.8 %); their colour rises to 100 %")
+
+
 # --- chapter 06 --------------------------------------------------------------------------------
 
 def _kl_terms(mean, logvar):

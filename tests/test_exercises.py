@@ -124,6 +124,48 @@ WRONG.update({
 })
 
 
+def ch05_matches_by_loop(labels, mentioned):
+    """Image j fits caption k: every attribute caption k states agrees — one pair and one attribute at a time."""
+    B = len(labels)
+    out = torch.zeros(B, B, dtype=torch.bool)
+    for j in range(B):
+        for k in range(B):
+            out[j, k] = all(labels[j, a] == labels[k, a] or not mentioned[k, a] for a in range(4))
+    return out
+
+
+def ch05_accuracy_with_minisd(model, tokenizer, images, labels, names, templates):
+    from minisd.clip import zero_shot_classify
+
+    return (zero_shot_classify(model, tokenizer, images, names, templates) == labels).float().mean().item()
+
+
+def ch05_accuracy_first_template(model, tokenizer, images, labels, names, templates):
+    return ch05_accuracy_with_minisd(model, tokenizer, images, labels, names, templates[:1])
+
+
+def ch05_accuracy_argmin(model, tokenizer, images, labels, names, templates):
+    from minisd.clip import class_embeddings, embed_images
+
+    sims = embed_images(model, images) @ class_embeddings(model, tokenizer, names, templates).T
+    return (sims.argmin(1).cpu() == labels).float().mean().item()
+
+
+RIGHT.update({
+    "05.3": lambda: ch05_matches_by_loop,
+    "05.4": lambda: ch05_accuracy_with_minisd,
+})
+WRONG.update({
+    "05.3": [lambda labels, mentioned: (labels[:, None] == labels[None]).all(-1),               # exact labels only
+             lambda labels, mentioned: ch05_matches_by_loop(labels, mentioned).T,               # transposed
+             lambda labels, mentioned: ((labels[:, None] == labels[None]) & mentioned[None]).all(-1),
+             lambda labels, mentioned: ch05_matches_by_loop(labels, mentioned).float()],
+    "05.4": [ch05_accuracy_first_template, ch05_accuracy_argmin,
+             lambda *args: 100 * ch05_accuracy_with_minisd(*args),                                # a percentage
+             lambda *args: 1 - ch05_accuracy_with_minisd(*args)],                                 # the error rate
+})
+
+
 def active_channels_by_distributions(mean, logvar):
     """06.1 by torch.distributions: each number's KL to N(0, 1), one channel at a time in a loop."""
     from torch.distributions import Normal, kl_divergence
