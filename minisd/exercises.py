@@ -528,6 +528,16 @@ def _(answer):
     return None
 
 
+def _clustered_rows(n: int, centres: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n rows around `centres` (K, dim) and their classes: every class present, a fifth of the rows far-flung
+    (so that the nearest single row and the nearest class mean disagree on some)."""
+    classes, dim = centres.shape
+    y = torch.randint(0, classes, (n,), generator=g)
+    y[:classes] = torch.arange(classes)
+    spread = 1 + 2 * (torch.rand(n, 1, generator=g) < 0.2)
+    return centres[y] + torch.randn(n, dim, generator=g) * spread, y
+
+
 @exercise("06.6", "a function nearest_mean_accuracy(train_x, train_y, test_x, test_y) → float: the accuracy on "
                   "the test rows of the classifier that assigns each row the class whose mean training row is nearest",
           "means = torch.stack([train_x[train_y == k].mean(0) for k in classes]); each test row gets the class "
@@ -536,12 +546,7 @@ def _(answer):
     g = torch.Generator().manual_seed(606)
     for dim, classes in ((5, 3), (64, 4)):
         centres = torch.randn(classes, dim, generator=g) * 0.8
-        def draw(n):
-            y = torch.randint(0, classes, (n,), generator=g)
-            y[:classes] = torch.arange(classes)  # every class present
-            spread = 1 + 2 * (torch.rand(n, 1, generator=g) < 0.2)  # some far-flung rows: 1-NN differs
-            return centres[y] + torch.randn(n, dim, generator=g) * spread, y
-        (tx, ty), (vx, vy) = draw(200), draw(150)
+        (tx, ty), (vx, vy) = _clustered_rows(200, centres, g), _clustered_rows(150, centres, g)
         labels = ty.unique()
         means = torch.stack([tx[ty == k].mean(0) for k in labels])
         want = (labels[torch.cdist(vx, means).argmin(1)] == vy).float().mean().item()
