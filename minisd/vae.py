@@ -114,9 +114,13 @@ class DiagonalGaussian:
 
             KL = ½ Σ (μ² + σ² − 1 − log σ²)      (Kingma & Welling 2014, appendix B)
         """
+        return self.kl_per_number().flatten(1).sum(1)
+
+    def kl_per_number(self) -> torch.Tensor:
+        """The KL of each latent number, ½ (μ² + σ² − 1 − log σ²), in nats → (B, C, h, w)."""
         if self.deterministic:
             raise MinisdError("a plain autoencoder's latent is a point, not a distribution: it has no KL to N(0, I)")
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar)
 
 
 class VAEOutput(NamedTuple):
