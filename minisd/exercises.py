@@ -332,6 +332,110 @@ open_exercise("02.5", "12 blocks at about the same compute (half the steps, 1.9�
                       "single objects: one blob 39 % against 48 % of 64 samples, within the standard error")
 
 
+# --- chapter 03 --------------------------------------------------------------------------------
+
+def _skip_stack(config, size: int) -> list[tuple[int, int]]:
+    """(channels, side) of every feature map the U-Net's down path pushes onto the skip stack, in push
+    order, for a square input of side `size`: conv_in's output, every residual block's output, and every
+    Downsample's output (not after the last level)."""
+    chans = [config.base_channels * m for m in config.channel_mults]
+    stack = [(chans[0], size)]
+    for i, c in enumerate(chans):
+        stack += [(c, size >> i)] * config.blocks_per_level
+        if i < len(chans) - 1:
+            stack.append((c, size >> (i + 1)))
+    return stack
+
+
+def _unet_with_zeroed_skips(unet, x, t, zeroed):
+    """minisd's own UNet.forward, with zeros in place of every skip of side in `zeroed`: a pre-hook on each
+    up-path residual block zeroes the skip's channels, the last ones of its concatenated input."""
+    stack, handles = _skip_stack(unet.config, x.shape[-1]), []
+
+    def zero_tail(channels):
+        def hook(module, args):
+            h = args[0].clone()
+            h[:, -channels:] = 0
+            return (h, *args[1:])
+        return hook
+
+    for level in unet.up:
+        for res in level.res:
+            channels, side = stack.pop()  # the up path pops the stack, the last pushed first
+            if side in zeroed:
+                handles.append(res.register_forward_pre_hook(zero_tail(channels)))
+    try:
+        with torch.no_grad():
+            return unet(x, t)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@exercise("03.1", "a function unet_forward_zeroing(unet, x, t, zeroed) → the U-Net's output (B, C, H, W), "
+                  "with zeros (of the same shape) in place of every skip whose feature map is s × s for s in zeroed",
+          "copy unet_forward and change only where a skip is popped: if skip.shape[-1] in zeroed, use "
+          "torch.zeros_like(skip); everything else — the pushes, the concatenation, the blocks — stays as it is")
+def _(answer):
+    from minisd.unet import UNet, UNetConfig
+
+    g = torch.Generator().manual_seed(303)
+    for mults, blocks, size in (((1, 2), 2, 16), ((1, 2, 2), 1, 16)):  # hidden U-Nets, not the chapter's
+        torch.manual_seed(3)
+        unet = UNet(UNetConfig(base_channels=8, channel_mults=mults, blocks_per_level=blocks,
+                               attention_levels=(), norm_groups=4)).eval()
+        x = torch.randn(2, 3, size, size, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        sides = sorted({side for _, side in _skip_stack(unet.config, size)}, reverse=True)
+        for zeroed in [set(), {sides[0]}, {sides[-1]}, set(sides)]:
+            want = _unet_with_zeroed_skips(unet, x, t, zeroed)
+            with torch.no_grad():
+                got = _call(answer, unet, x, t, set(zeroed))
+            if not isinstance(got, torch.Tensor):
+                return f"the function should return a tensor, got {type(got).__name__}"
+            problem = _compare(got, want, f"the output with zeroed = {zeroed or '{}'} (skip sides {sides})",
+                               rtol=1e-4, atol=1e-5)
+            if problem:
+                if not zeroed:
+                    problem += "; with nothing zeroed it should equal unet(x, t)"
+                return problem
+    return None
+
+
+open_exercise("03.2", "with ε as target the no-skip U-Net fails: ε-loss 0.96 (the U-Net 0.05, 150 steps each), x̂_0 "
+                      "errors 9 to 32 times the U-Net's, nearly all detail, as (1 − ᾱ_t)/ᾱ_t × its ε-loss predicts")
+
+open_exercise("03.3", "ConvDenoiser with the U-Net's training time (1074 steps here) beats the U-Net on v-loss and x̂_0 "
+                      "error, but its one-blob share does not measurably move (39 → 45 %, intervals overlap; U-Net 72 %)")
+
+open_exercise("03.4", "the share of the centre pixel's gradient from outside the 17×17 window grows with depth "
+                      "(24, 42, 46 % untrained); without GroupNorm and attention it is about 0.1 % at every depth")
+
+
+@exercise("03.5", "a function up_inputs(config) → the input channels of each residual block of the up path, "
+                  "in the order they run (a list of ints), from the UNetConfig alone",
+          "replay the skip stack: push conv_in's output, every residual block's output and every Downsample's "
+          "output on the way down; on the way up each block takes the channels from below plus one popped skip")
+def _(answer):
+    from minisd.unet import UNet, UNetConfig
+
+    for mults, blocks in (((1, 2), 2), ((1, 2, 4), 1), ((1, 2, 2), 2), ((1, 1, 2, 2), 3)):
+        config = UNetConfig(base_channels=8, channel_mults=mults, blocks_per_level=blocks, attention_levels=())
+        want = [res.conv1.in_channels for level in UNet(config).up for res in level.res]
+        got = _call(answer, config)
+        try:
+            got = [int(c) for c in got]
+        except TypeError:
+            return f"the function should return a list of channel counts, got {type(got).__name__}"
+        where = f"for channel_mults={mults}, blocks_per_level={blocks}"
+        if len(got) != len(want):
+            return f"{where} your list has the wrong number of up-path residual blocks ({len(got)})"
+        wrong = [k for k, (a, b) in enumerate(zip(got, want)) if a != b]
+        if wrong:
+            return f"{where} block {wrong[0]} (counting from 0, in running order) gets a different number of channels"
+    return None
+
+
 # --- chapter 05 --------------------------------------------------------------------------------
 
 @exercise("05.3", "a function caption_matches(labels, mentioned) → matches (B_img, B_txt) bool: "
@@ -554,6 +658,38 @@ def _(answer):
         if abs(got - want) > 1e-6:
             return f"the accuracy on hidden data ({dim} features, {classes} classes) differs from the nearest-mean classifier's"
     return None
+
+
+# --- chapter 07 --------------------------------------------------------------------------------
+
+@exercise("07.4", 'a list of the words of "a big crimson circle in the middle" that the tokenizer turns into <unk>',
+          "compare each word with sd.tokenizer.vocab (or decode the token ids and look for <unk>); synonyms that "
+          "describe() uses are in the vocabulary too")
+def _(answer):
+    from minisd.tokenizer import shapes_tokenizer, split_words
+
+    if isinstance(answer, str) or not all(isinstance(w, str) for w in answer):
+        return "the answer should be a list of words (strings), e.g. ['…']"
+    known = set(shapes_tokenizer(paraphrases=True).vocab)
+    words = split_words("a big crimson circle in the middle")
+    given = {w.strip().lower() for w in answer}
+    if stray := sorted(given - set(words)):
+        return f"{stray} are not words of the prompt"
+    if known_given := sorted(given & known):
+        return f"{known_given} are in the vocabulary: they get their own embedding, not <unk>"
+    if missing := len({w for w in words if w not in known} - given):
+        return f"{missing} word(s) of the prompt that become <unk> are missing from the list"
+    return None
+
+
+open_exercise("07.1", "from the same noise, 89 % of the test prompts are right at w = 1, 99–100 % at w = 2 to 8, 97 % at "
+                      "16; the prompts wrong at w = 1 (red drawn yellow) are right by w = 4, circles grow corners at 8–16")
+open_exercise("07.2", "without empty captions in training: FID at w = 0 is 286 against 116, at w = 4 81 against 27, and "
+                      "prompt accuracy at w = 8 falls to 85 % from 98 %; at w = 1 (no unconditional branch) they are level")
+open_exercise("07.3", "img2img towards a large green square: colour and shape change first (97 % and 82 % at strength "
+                      "0.4), size by 0.6, position last (2 % at 0.4, 65 % at 0.6, all at 0.8)")
+open_exercise("07.5", "at w = 4 both samplers are at the ceiling from 10 steps (DDIM 99.7 %, DPM-Solver++ 98.7 % at 5) and "
+                      "FID is 26–27 at every step count: this measurement cannot tell them apart")
 
 
 # --- the student edition -----------------------------------------------------------------------

@@ -124,6 +124,119 @@ WRONG.update({
 })
 
 
+def unet_forward_zeroing_written_out(unet, x, t, zeroed):
+    """03.1 by hand: the U-Net's forward pass with its skip stack, zeros for the skips of a side in zeroed."""
+    temb = unet.time(t)
+    h = unet.conv_in(x)
+    skips = [h]
+    for level, down in zip(unet.down, unet.downsample):
+        for res, attn in zip(level.res, level.attn):
+            h = attn(res(h, temb))
+            skips.append(h)
+        if not isinstance(down, torch.nn.Identity):
+            h = down(h)
+            skips.append(h)
+    h = unet.mid2(unet.mid_attn(unet.mid1(h, temb)), temb)
+    for level, up in zip(unet.up, unet.upsample):
+        for res, attn in zip(level.res, level.attn):
+            skip = skips.pop()
+            h = attn(res(torch.cat([h, skip * (skip.shape[-1] not in zeroed)], dim=1), temb))
+        h = up(h)
+    return unet.conv_out(torch.nn.functional.silu(unet.norm_out(h)))
+
+
+def zeroing_ignored(unet, x, t, zeroed):
+    return unet(x, t)
+
+
+def zeroing_everything(unet, x, t, zeroed):
+    return unet_forward_zeroing_written_out(unet, x, t, {x.shape[-1] >> k for k in range(8)})
+
+
+def zeroing_one_level_too_deep(unet, x, t, zeroed):  # zeroes the skips half the size of those asked for
+    return unet_forward_zeroing_written_out(unet, x, t, {s // 2 for s in zeroed})
+
+
+def zeroing_queue_not_stack(unet, x, t, zeroed):
+    """The skips taken first in, first out: the shapes do not fit."""
+    temb = unet.time(t)
+    h = unet.conv_in(x)
+    skips = [h]
+    for level, down in zip(unet.down, unet.downsample):
+        for res in level.res:
+            h = res(h, temb)
+            skips.append(h)
+        if not isinstance(down, torch.nn.Identity):
+            h = down(h)
+            skips.append(h)
+    h = unet.mid2(unet.mid_attn(unet.mid1(h, temb)), temb)
+    for level, up in zip(unet.up, unet.upsample):
+        for res in level.res:
+            h = res(torch.cat([h, skips.pop(0)], dim=1), temb)
+        h = up(h)
+    return unet.conv_out(torch.nn.functional.silu(unet.norm_out(h)))
+
+
+def up_inputs_by_hand(config):
+    """03.5 by walking the U: the channel count of every skip pushed, then the up path's concatenations."""
+    chans = [config.base_channels * m for m in config.channel_mults]
+    pushed = [chans[0]]                                           # conv_in
+    for i, c in enumerate(chans):
+        pushed += [c] * config.blocks_per_level                   # the level's residual blocks
+        if i + 1 < len(chans):
+            pushed.append(c)                                      # its Downsample
+    h, inputs = chans[-1], []
+    for c in reversed(chans):
+        for _ in range(config.blocks_per_level + 1):
+            inputs.append(h + pushed.pop())
+            h = c
+    return inputs
+
+
+def up_inputs_without_downsample_pushes(config):
+    chans = [config.base_channels * m for m in config.channel_mults]
+    pushed = [chans[0]] + [c for c in chans for _ in range(config.blocks_per_level)]
+    h, inputs = chans[-1], []
+    for c in reversed(chans):
+        for _ in range(config.blocks_per_level):
+            inputs.append(h + pushed.pop())
+            h = c
+    return inputs
+
+
+def up_inputs_gives_outputs(config):
+    """The blocks' output channels instead of their inputs: the concatenated skip forgotten."""
+    return [config.base_channels * m for m in reversed(config.channel_mults) for _ in range(config.blocks_per_level + 1)]
+
+
+RIGHT.update({
+    "03.1": lambda: unet_forward_zeroing_written_out,
+    "03.5": lambda: up_inputs_by_hand,
+})
+WRONG.update({
+    "03.1": [zeroing_ignored, zeroing_everything, zeroing_one_level_too_deep, zeroing_queue_not_stack],
+    "03.5": [up_inputs_without_downsample_pushes, up_inputs_gives_outputs,
+             lambda config: up_inputs_by_hand(config)[::-1], lambda config: 96],
+})
+
+
+def test_03_1_reference_all_zeroed_is_the_no_skip_unet():
+    """The check's reference with every skip zeroed is minisd's own ablation, skip_connections=False."""
+    import dataclasses
+
+    from minisd.exercises import _unet_with_zeroed_skips
+    from minisd.unet import UNet, UNetConfig
+
+    config = UNetConfig(base_channels=8, channel_mults=(1, 2, 2), blocks_per_level=2, attention_levels=(1,),
+                        norm_groups=4)
+    unet, ablated = UNet(config), UNet(dataclasses.replace(config, skip_connections=False))
+    ablated.load_state_dict(unet.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(_unet_with_zeroed_skips(unet, x, t, {16, 8, 4}), ablated(x, t))
+        torch.testing.assert_close(unet_forward_zeroing_written_out(unet, x, t, set()), unet(x, t))
+
+
 def ch05_matches_by_loop(labels, mentioned):
     """Image j fits caption k: every attribute caption k states agrees — one pair and one attribute at a time."""
     B = len(labels)
@@ -256,6 +369,20 @@ WRONG.update({
              lambda *a: 1 - nearest_mean_by_loop(*a),
              lambda tx, ty, vx, vy: nearest_mean_by_loop(tx, ty, tx, ty)],
 })
+
+
+def unknown_words_by_decoding():
+    """The words that come back as <unk> after a round trip through the course's tokenizer."""
+    from minisd.tokenizer import shapes_tokenizer
+
+    tok, prompt = shapes_tokenizer(paraphrases=True), "a big crimson circle in the middle"
+    ids, mask = tok([prompt])
+    decoded = [tok.vocab[i] for i in ids[0][mask[0]].tolist()][1:-1]  # without <start> and <end>
+    return [w for w, d in zip(prompt.split(), decoded) if d == "<unk>"]
+
+
+RIGHT.update({"07.4": unknown_words_by_decoding})
+WRONG.update({"07.4": [["crimson", "big"], [], ["middle"], "crimson", ["crimson", "blue"]]})
 
 
 def test_every_check_has_right_and_wrong_answers_here():
