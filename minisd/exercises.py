@@ -692,6 +692,121 @@ open_exercise("07.5", "at w = 4 both samplers are at the ceiling from 10 steps (
                       "FID is 26–27 at every step count: this measurement cannot tell them apart")
 
 
+# --- chapter 08 --------------------------------------------------------------------------------
+
+def _ch08_settle_data(g: torch.Generator, prompts: int, seeds: int, frames: int, attribute: int):
+    """Hidden settle data as settle_frames returns it: (runs, 4) frames 0 … frames − 1 for the runs whose final
+    image is right, `frames` (one past the last) for those that never settle; the largest settle step of
+    `attribute` shared by runs of two different seeds, and a run that never settles in it."""
+    runs = prompts * seeds
+    settle = torch.randint(0, frames - 3, (runs, 4), generator=g)
+    final_ok = torch.rand(runs, 4, generator=g) > 0.15
+    late = frames - 2 - int(torch.randint(0, 2, (1,), generator=g))
+    i, j = 1, prompts + 3                                       # two runs of different seeds (and prompts)
+    settle[[i, j], attribute] = late
+    final_ok[[i, j], attribute] = True
+    final_ok[runs - 1, attribute] = False                       # a run whose final image is wrong
+    settle[~final_ok] = frames
+    return settle, final_ok
+
+
+def _ch08_last_by_loop(settle, final_ok, attribute, prompts, first_seed):
+    settled = [(int(settle[i, attribute]), i) for i in range(len(settle)) if final_ok[i, attribute]]
+    if not settled:
+        return []
+    last = max(k for k, _ in settled)
+    P = len(prompts)
+    return [(prompts[i % P], first_seed + i // P) for k, i in settled if k == last]
+
+
+@exercise("08.1", "a function last_to_settle(settle, final_ok, attribute, prompts, first_seed) → the runs whose "
+                  "attribute settles last, as a list of (prompt, seed) pairs",
+          "leave out the runs whose final image is wrong (their settle step is one past the last frame), take the "
+          "largest settle step of the others, and keep every run that has it (there can be ties); run i is prompt "
+          "i % len(prompts) with seed first_seed + i // len(prompts)")
+def _(answer):
+    g = torch.Generator().manual_seed(808)
+    for prompts, seeds, frames, attribute, first_seed in ((5, 3, 11, 3, 0), (7, 2, 51, 0, 40), (4, 4, 21, 1, 7)):
+        names = [f"hidden prompt {p}" for p in range(prompts)]
+        settle, final_ok = _ch08_settle_data(g, prompts, seeds, frames, attribute)
+        want = sorted(_ch08_last_by_loop(settle, final_ok, attribute, names, first_seed))
+        got = _call(answer, settle.clone(), final_ok.clone(), attribute, list(names), first_seed)
+        if isinstance(got, (str, tuple)) or not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in got):
+            return "the function should return a list of (prompt, seed) pairs, one per run"
+        got = sorted((str(p), int(s)) for p, s in got)
+        where = f"for {prompts} prompts × {seeds} seeds, attribute {attribute}"
+        if len(got) != len(want):
+            return f"{where} you return {len(got)} run(s); the number of runs that settle last is different"
+        if {p for p, _ in got} != {p for p, _ in want}:
+            return f"{where} the prompts of the runs are not those that settle last"
+        if got != want:
+            return f"{where} the prompts are right but some seeds are not"
+    return None
+
+
+def _ch08_hidden_samplers():
+    from minisd.diffusion import NoiseSchedule
+    from minisd.samplers import DDIMSampler, DPMSolverSampler
+
+    schedule = NoiseSchedule.standard("scaled_linear")
+    return [DDIMSampler(schedule, 7), DDIMSampler(schedule, 25, timestep_spacing="trailing"),
+            DPMSolverSampler(schedule, 9)]
+
+
+@exercise("08.3", "a function fraction_and_t(frames, sampler) → (fraction, t): for settle frames 0 … n of an "
+                  "n-step run, the fraction of the run and the timestep t, both tensors shaped like frames",
+          "the fraction is frame / n; frame k < n is the state before step k, at t = sampler.timesteps[k]; frame n "
+          "is the final image, at t = 0. Read t from the sampler, not from a formula: spacings differ")
+def _(answer):
+    g = torch.Generator().manual_seed(803)
+    for sampler in _ch08_hidden_samplers():
+        n = len(sampler.timesteps)
+        frames = torch.cat([torch.tensor([0, n - 1, n]), torch.randint(0, n + 1, (9,), generator=g)])
+        want_t = torch.cat([sampler.timesteps.long(), torch.zeros(1, dtype=torch.long)])[frames]
+        got = _call(answer, frames.clone(), sampler)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            return "the function should return two things: (fraction, t)"
+        where = f"for a sampler of {n} steps with '{sampler.timestep_spacing}' spacing"
+        problem = _compare(got[0], frames.double() / n, f"the fraction {where}", rtol=1e-5, atol=1e-6)
+        if problem:
+            return problem
+        problem = _compare(got[1], want_t, f"t {where}", rtol=0, atol=0.5)
+        if problem:
+            return problem + " (is frame n, the final image, at t = 0?)"
+    return None
+
+
+def _ch08_ratio(maps, mask):
+    share_on_object = (maps * mask).flatten(-2).sum(-1) / maps.flatten(-2).sum(-1)
+    return share_on_object / mask.mean()
+
+
+@exercise("08.4", "a function object_ratio(maps, mask) → (steps, tokens): for attention maps (steps, tokens, h, w) "
+                  "and an object mask (h, w), each map's share of its weight on the object over the object's share "
+                  "of the image",
+          "per step and token: sum(map · mask) / sum(map) is the share of the attention on the object; divide it by "
+          "mask.mean(), the share of the image the object covers. Sum over the pixels only")
+def _(answer):
+    g = torch.Generator().manual_seed(804)
+    for steps, tokens, side in ((5, 3, 8), (2, 9, 4)):
+        maps = torch.rand(steps, tokens, side, side, generator=g) * torch.rand(steps, tokens, 1, 1, generator=g) * 3
+        mask = (torch.rand(side, side, generator=g) * 2 - 0.6).clamp(0, 1)    # fractional cells, some empty
+        problem = _compare(_call(answer, maps.clone(), mask.clone()), _ch08_ratio(maps, mask),
+                           f"the ratio for {steps} steps × {tokens} tokens", rtol=1e-4, atol=1e-6)
+        if problem:
+            return problem
+    return None
+
+
+open_exercise("08.2", "50 prompts × 1 seed: the colour settles earlier at w = 1 (median step 0; 5.4 steps earlier than "
+                      "at w = 4, run by run) and later at w = 8 (2.8 steps); the order stays, colour last, but at w = 1 "
+                      "only 40–49 of 50 final images are right per attribute")
+open_exercise("08.5", "the held-out small blue triangle: 10 of 10 read as small triangles in place, 8 as blue; the shape "
+                      "word's AUROC in up 8x8 #1 is 0.91, as for the trained objects of 8.4 (0.89)")
+open_exercise("08.6", "a 51-frame GIF, w = 1 above w = 8: the w = 8 guess overshoots in the first fifth of the run "
+                      "while w = 1's is a calm disc; the words of up 8x8 #1 look at the same places at both scales")
+
+
 # --- the student edition -----------------------------------------------------------------------
 
 SOLUTION_TAG = "solution"

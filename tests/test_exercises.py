@@ -385,6 +385,87 @@ RIGHT.update({"07.4": unknown_words_by_decoding})
 WRONG.update({"07.4": [["crimson", "big"], [], ["middle"], "crimson", ["crimson", "blue"]]})
 
 
+def last_to_settle_by_masking(settle, final_ok, attribute, prompts, first_seed):
+    """The runs that settle last, with tensor operations: mask the runs that never settle, take the maximum,
+    then read each run's prompt and seed off its index."""
+    s = settle[:, attribute].where(final_ok[:, attribute], torch.tensor(-1))
+    runs = (s == s.max()).nonzero()[:, 0].tolist() if s.max() >= 0 else []
+    P = len(prompts)
+    return [(prompts[i % P], first_seed + i // P) for i in runs]
+
+
+def last_to_settle_argmax(settle, final_ok, attribute, prompts, first_seed):   # one run only, ties lost
+    s = settle[:, attribute].where(final_ok[:, attribute], torch.tensor(-1))
+    i = int(s.argmax())
+    return [(prompts[i % len(prompts)], first_seed + i // len(prompts))]
+
+
+def last_to_settle_unfiltered(settle, final_ok, attribute, prompts, first_seed):  # never-settled runs kept
+    s = settle[:, attribute]
+    P = len(prompts)
+    return [(prompts[i % P], first_seed + i // P) for i in (s == s.max()).nonzero()[:, 0].tolist()]
+
+
+def last_to_settle_swapped(settle, final_ok, attribute, prompts, first_seed):    # prompt-major bookkeeping
+    runs = last_to_settle_by_masking(settle, final_ok, attribute, list(range(len(prompts))), 0)
+    P, S = len(prompts), len(settle) // len(prompts)
+    out = []
+    for p, s in runs:
+        i = p + P * s
+        out.append((prompts[i // S], first_seed + i % S))
+    return out
+
+
+def fraction_and_t_by_hand(frames, sampler):
+    """t from the spacing rules as diffusers writes them (T = 1000), not from sampler.timesteps."""
+    n, T = len(sampler.timesteps), 1000
+    ts = []
+    for k in frames.tolist():
+        if k == n:
+            ts.append(0)                                             # the final image
+        elif sampler.timestep_spacing == "leading":
+            ts.append((n - 1 - k) * (T // n))
+        elif sampler.timestep_spacing == "trailing":
+            ts.append(round(T - k * T / n) - 1)
+        else:                                                        # DPM-Solver++'s linspace over n + 1 points
+            ts.append(round((T - 1) * (n - k) / n))
+    return torch.tensor([k / n for k in frames.tolist()]), torch.tensor(ts)
+
+
+def object_ratio_by_loop(maps, mask):
+    steps, tokens, h, w = maps.shape
+    area = sum(mask[y, x].item() for y in range(h) for x in range(w)) / (h * w)
+    out = torch.zeros(steps, tokens, dtype=torch.float64)
+    for s in range(steps):
+        for k in range(tokens):
+            on = sum(maps[s, k, y, x].item() * mask[y, x].item() for y in range(h) for x in range(w))
+            total = sum(maps[s, k, y, x].item() for y in range(h) for x in range(w))
+            out[s, k] = on / total / area
+    return out
+
+
+RIGHT.update({
+    "08.1": lambda: last_to_settle_by_masking,
+    "08.3": lambda: fraction_and_t_by_hand,
+    "08.4": lambda: object_ratio_by_loop,
+})
+WRONG.update({
+    "08.1": [last_to_settle_argmax, last_to_settle_unfiltered, last_to_settle_swapped,
+             lambda s, ok, a, p, f: last_to_settle_by_masking(s, ok, a, p, 0),                # seed offset dropped
+             lambda s, ok, a, p, f: last_to_settle_by_masking(-s, ok, a, p, f),               # the first to settle
+             lambda s, ok, a, p, f: (s == s[:, a].max()).nonzero().tolist()],                 # not (prompt, seed)
+    "08.3": [lambda k, smp: (k / len(smp.timesteps), 1000 * (1 - k / len(smp.timesteps))),   # t from a formula
+             lambda k, smp: (k / len(smp.timesteps), smp.timesteps[(k - 1).clamp(min=0)]),   # off by one step
+             lambda k, smp: (k / (len(smp.timesteps) + 1), fraction_and_t_by_hand(k, smp)[1]),  # n + 1 frames
+             lambda k, smp: (k / len(smp.timesteps), smp.timesteps[k.clamp(max=len(smp.timesteps) - 1)]),
+             lambda k, smp: (k / len(smp.timesteps), smp.timesteps[k])],                     # frame n: IndexError
+    "08.4": [lambda m, mask: (m * mask).sum((-2, -1)) / m.sum((-2, -1)),                      # not over the area
+             lambda m, mask: (m * mask).sum((-2, -1)) / mask.sum() / mask.mean(),             # Σ A·m / Σ m
+             lambda m, mask: object_ratio_by_loop(m, mask).T,                                 # (tokens, steps)
+             lambda m, mask: (m * mask).sum((-2, -1)) / m.sum((-3, -2, -1))[:, None] / mask.mean()],  # over tokens
+})
+
+
 def test_every_check_has_right_and_wrong_answers_here():
     assert set(RIGHT) == set(CHECKS) == set(WRONG)
 
