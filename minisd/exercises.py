@@ -807,6 +807,140 @@ open_exercise("08.6", "a 51-frame GIF, w = 1 above w = 8: the w = 8 guess oversh
                       "while w = 1's is a calm disc; the words of up 8x8 #1 look at the same places at both scales")
 
 
+# --- chapter 09 --------------------------------------------------------------------------------
+
+@exercise("09.2", "a function channels_last_strides(shape) → the strides (4 numbers, in elements) of a tensor of "
+                  "shape (B, C, H, W) stored channels-last, as x.stride() reports them",
+          "channels-last keeps the index order (B, C, H, W) but lays the numbers out in memory as (B, H, W, C): "
+          "the channel index moves fastest (stride 1), then the column, then the row, then the image")
+def _(answer):
+    for shape in ((2, 3, 4, 5), (7, 16, 3, 2), (1, 8, 6, 6)):  # hidden shapes, every dim but one batch > 1
+        want = torch.empty(shape).to(memory_format=torch.channels_last).stride()
+        got = _call(answer, shape)
+        try:
+            got = tuple(int(s) for s in got)
+        except TypeError:
+            return f"the function should return 4 strides (a tuple of ints), got {type(got).__name__}"
+        if len(got) != 4:
+            return f"the function should return 4 strides, one per dimension (B, C, H, W), got {len(got)}"
+        if got == torch.empty(shape).stride():
+            return "those are the strides of the default (contiguous, NCHW) layout, not of channels-last"
+        if sorted(got) != sorted(want):
+            return f"for a hidden shape {shape} the strides are not the channels-last ones"
+        if got != want:
+            return (f"for a hidden shape {shape} the strides are channels-last's numbers in the wrong places: "
+                    "give them in the index order (B, C, H, W)")
+    return None
+
+
+def _ch09_rows(draw, n: int, rank: int, world: int) -> torch.Tensor:
+    from minisd.distributed import rows, shard
+
+    with shard(rank, world):
+        return rows(draw, n)
+
+
+@exercise("09.4", "a function my_rows(draw, n, rank, world) → this process's n rows of random numbers, the ones a "
+                  "single process would have drawn for them (what minisd.distributed.rows does inside shard(rank, world))",
+          "a single process draws all n · world rows of the global batch at once; process `rank` computes rows "
+          "rank·n … rank·n + n − 1 of that batch")
+def _(answer):
+    for n, rank, world in ((4, 1, 2), (3, 2, 4), (5, 0, 3), (2, 3, 4), (6, 0, 1)):
+        def draw(m, n=n, world=world):  # a fresh seeded generator per call, as every process seeds its own
+            return torch.randn(m, 3, generator=torch.Generator().manual_seed(900 + 7 * n + world))
+
+        want = _ch09_rows(draw, n, rank, world)
+        got = torch.as_tensor(_call(answer, draw, n, rank, world))
+        if tuple(got.shape) != tuple(want.shape):
+            return f"with n = {n} rows per process the function returns shape {tuple(got.shape)}, not {n} rows"
+        if torch.equal(got, want):
+            continue
+        if rank > 0 and torch.equal(got, draw(n)):
+            return (f"process {rank} of {world} gets the numbers of the first rows: every process draws the same "
+                    "n numbers from the same seed")
+        return f"process {rank} of {world} (n = {n}) does not get the rows one process would give it"
+    return None
+
+
+_CH09_PHASES = ("forward", "backward", "optimiser step")
+_CH09_KINDS = ("convolution", "attention / matmul", "normalisation", "elementwise & other", "optimiser",
+               "Python & framework")
+
+
+def _ch09_kind(name: str, phase: str | None) -> str:
+    """9.2's sorting of one profiler row: phases' own time, then everything of the optimiser step, then by name."""
+    if name in _CH09_PHASES:
+        return "Python & framework"
+    if phase == "optimiser step":
+        return "optimiser"
+    low = name.lower()
+    if "conv" in low:
+        return "convolution"
+    if any(k in low for k in ("addmm", "aten::mm", "bmm", "matmul", "linear", "attention", "softmax")):
+        return "attention / matmul"
+    if "norm" in low and "_foreach" not in low:
+        return "normalisation"
+    if "_foreach" in low or "adam" in low or "optimizer" in low:
+        return "optimiser"
+    return "elementwise & other"
+
+
+def _ch09_profile_rows(g: torch.Generator) -> list[tuple[str, str | None, float, float]]:
+    """Hidden profiler rows (name, phase, self seconds, total seconds) of a made-up training step: total ≥ self,
+    parents' totals include their children, AdamW's elementwise ops inside the optimiser step."""
+    ops = [("forward", "forward"), ("aten::convolution", "forward"), ("aten::mkldnn_convolution", "forward"),
+           ("aten::native_group_norm", "forward"), ("aten::silu", "forward"), ("aten::mm", "forward"),
+           ("aten::_softmax", "forward"), ("aten::add", "forward"), ("aten::mse_loss", "forward"),
+           ("backward", "backward"), ("aten::convolution_backward", "backward"),
+           ("aten::native_group_norm_backward", "backward"), ("aten::mm", "backward"), ("aten::mul", "backward"),
+           ("autograd::engine::evaluate_function: ConvolutionBackward0", "backward"),
+           ("optimiser step", "optimiser step"), ("Optimizer.step#AdamW.step", "optimiser step"),
+           ("aten::_foreach_mul_", "optimiser step"), ("aten::mul_", "optimiser step"),
+           ("aten::lerp_", "optimiser step"), ("aten::add_", "optimiser step"), ("aten::sqrt", "optimiser step"),
+           ("aten::copy_", None)]
+    rows = []
+    for name, phase in ops:
+        own = float(torch.rand((), generator=g)) * 0.05 + 0.001
+        extra = float(torch.rand((), generator=g)) * 0.2 if name in _CH09_PHASES or "convolution" in name else 0.0
+        rows.append((name, phase, own, own + extra))
+    return rows
+
+
+@exercise("09.5", "a function shares_by_kind(rows) → dict {kind: share of the step}: rows are the profiler's "
+                  "(name, phase, self seconds, total seconds), sorted into the six kinds of 9.2; the shares add up to 1",
+          "as in 9.2: a row named like a phase is 'Python & framework', a row inside the optimiser step is "
+          "'optimiser' whatever its name, the rest go by kind_of(name); add *self* seconds (total seconds count "
+          "the children again), then divide by their sum")
+def _(answer):
+    g = torch.Generator().manual_seed(905)
+    for _trial in range(3):
+        rows = _ch09_profile_rows(g)
+        want = {k: 0.0 for k in _CH09_KINDS}
+        for name, phase, own, _total in rows:
+            want[_ch09_kind(name, phase)] += own
+        total = sum(want.values())
+        got = _call(answer, list(rows))
+        if not isinstance(got, dict):
+            return f"the function should return a dict {{kind: share}}, got {type(got).__name__}"
+        if stray := sorted(set(got) - set(_CH09_KINDS)):
+            return f"{stray} are not kinds of 9.2 (use the names of KINDS)"
+        got = {k: _number(got.get(k, 0.0), f"the share of {k!r}") for k in _CH09_KINDS}
+        if not math.isclose(sum(got.values()), 1.0, abs_tol=1e-6):
+            return f"the shares add up to {sum(got.values()):.3g}, not 1: divide each kind's seconds by their sum"
+        wrong = [k for k in _CH09_KINDS if abs(got[k] - want[k] / total) > 1e-6]
+        if wrong:
+            return f"on hidden profiler rows the shares of {wrong} are off"
+    return None
+
+
+open_exercise("09.1", "the command lands close to 9.3 on the same machine (minisd / diffusers 1.03 × against 1.00 ×); "
+                      "channels-last is the one switch above the noise (1.09 ×, 9.3: 1.07 ×), fused AdamW is not")
+open_exercise("09.3", "a 4×8×8 latent keeps far more of a photo than an 8×8 thumbnail (25.4 against 19.5 dB) and far "
+                      "less than of a digit (33.8 dB): photo detail comes back softened")
+open_exercise("09.6", "for the same 12,800 images batch 8 ends lower (held-out loss 0.1198 against 0.2069) and, at a "
+                      "fixed lr, wins per second too although batch 64 runs at 4× the images/s")
+
+
 # --- the student edition -----------------------------------------------------------------------
 
 SOLUTION_TAG = "solution"

@@ -466,6 +466,72 @@ WRONG.update({
 })
 
 
+def channels_last_strides_by_hand(shape):
+    """Strides of (B, C, H, W) laid out as (B, H, W, C): the channel moves fastest, then the column, the row."""
+    B, C, H, W = shape
+    return (H * W * C, 1, W * C, C)
+
+
+def rows_by_chunks(draw, n, rank, world):
+    """The whole global batch, cut into `world` equal pieces: piece `rank`."""
+    return torch.stack(draw(n * world).chunk(world))[rank]
+
+
+KINDS_09 = ("convolution", "attention / matmul", "normalisation", "elementwise & other", "optimiser",
+            "Python & framework")
+
+
+def shares_by_kind_by_rules(rows):
+    """9.2's bookkeeping written as an ordered list of (rule, kind): the first rule that matches a row wins."""
+    rules = [(lambda name, phase: name in ("forward", "backward", "optimiser step"), "Python & framework"),
+             (lambda name, phase: phase == "optimiser step", "optimiser"),
+             (lambda name, phase: re.search(r"conv", name, re.I), "convolution"),
+             (lambda name, phase: re.search(r"addmm|aten::mm|bmm|matmul|linear|attention|softmax", name, re.I),
+              "attention / matmul"),
+             (lambda name, phase: re.search(r"norm", name, re.I) and "_foreach" not in name, "normalisation"),
+             (lambda name, phase: re.search(r"_foreach|adam|optimizer", name, re.I), "optimiser"),
+             (lambda name, phase: True, "elementwise & other")]
+    seconds = dict.fromkeys(KINDS_09, 0.0)
+    for name, phase, own, _total in rows:
+        seconds[next(kind for rule, kind in rules if rule(name, phase))] += own
+    return {k: v / sum(seconds.values()) for k, v in seconds.items()}
+
+
+def shares_from_total_time(rows):  # a wrong answer: total (inclusive) seconds count the children twice
+    return shares_by_kind_by_rules([(name, phase, total, total) for name, phase, _own, total in rows])
+
+
+def shares_optimiser_by_name(rows):  # a wrong answer: AdamW's elementwise ops sorted by their names
+    return shares_by_kind_by_rules([(name, None if phase == "optimiser step" and name != "optimiser step" else phase,
+                                     own, total) for name, phase, own, total in rows])
+
+
+def shares_without_phases(rows):  # a wrong answer: the phases' own time (Python between the ops) left out
+    return shares_by_kind_by_rules([r for r in rows if r[0] not in ("forward", "backward", "optimiser step")])
+
+
+def seconds_by_kind(rows):  # a wrong answer: seconds, not shares
+    total = sum(own for _name, _phase, own, _total in rows)
+    return {k: v * total for k, v in shares_by_kind_by_rules(rows).items()}
+
+
+RIGHT.update({"09.2": lambda: channels_last_strides_by_hand,
+              "09.4": lambda: rows_by_chunks,
+              "09.5": lambda: shares_by_kind_by_rules})
+WRONG.update({
+    "09.2": [lambda shape: (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1),   # contiguous NCHW
+             lambda shape: (shape[1] * shape[2] * shape[3], 1, shape[1], shape[1] * shape[2]),   # H and W swapped
+             lambda shape: (shape[2] * shape[3] * shape[1], shape[3] * shape[1], shape[1], 1),   # in (B, H, W, C) order
+             lambda shape: shape],
+    "09.4": [lambda draw, n, rank, world: draw(n),                                 # every process from the same seed
+             lambda draw, n, rank, world: draw(n * world)[:n],                      # always the first slice
+             lambda draw, n, rank, world: draw(n * world)[rank::world],             # interleaved rows
+             lambda draw, n, rank, world: draw(n * world)[rank * n:(rank + 1) * n + 1]],  # one row too many
+    "09.5": [shares_from_total_time, shares_optimiser_by_name, shares_without_phases, seconds_by_kind,
+             lambda rows: [0.2] * 5],
+})
+
+
 def test_every_check_has_right_and_wrong_answers_here():
     assert set(RIGHT) == set(CHECKS) == set(WRONG)
 
