@@ -124,9 +124,8 @@ WRONG.update({
 })
 
 
-def unet_forward_zeroing_written_out(unet, x, t, zeroed):
-    """03.1 by hand: the U-Net's forward pass with its skip stack, zeros for the skips of a side in zeroed."""
-    temb = unet.time(t)
+def down_and_middle(unet, x, temb):
+    """The U-Net's down path and bottleneck, written out: (the bottleneck's output, the skip stack)."""
     h = unet.conv_in(x)
     skips = [h]
     for level, down in zip(unet.down, unet.downsample):
@@ -136,7 +135,13 @@ def unet_forward_zeroing_written_out(unet, x, t, zeroed):
         if not isinstance(down, torch.nn.Identity):
             h = down(h)
             skips.append(h)
-    h = unet.mid2(unet.mid_attn(unet.mid1(h, temb)), temb)
+    return unet.mid2(unet.mid_attn(unet.mid1(h, temb)), temb), skips
+
+
+def unet_forward_zeroing_written_out(unet, x, t, zeroed):
+    """03.1 by hand: the U-Net's forward pass with its skip stack, zeros for the skips of a side in zeroed."""
+    temb = unet.time(t)
+    h, skips = down_and_middle(unet, x, temb)
     for level, up in zip(unet.up, unet.upsample):
         for res, attn in zip(level.res, level.attn):
             skip = skips.pop()
@@ -160,19 +165,10 @@ def zeroing_one_level_too_deep(unet, x, t, zeroed):  # zeroes the skips half the
 def zeroing_queue_not_stack(unet, x, t, zeroed):
     """The skips taken first in, first out: the shapes do not fit."""
     temb = unet.time(t)
-    h = unet.conv_in(x)
-    skips = [h]
-    for level, down in zip(unet.down, unet.downsample):
-        for res in level.res:
-            h = res(h, temb)
-            skips.append(h)
-        if not isinstance(down, torch.nn.Identity):
-            h = down(h)
-            skips.append(h)
-    h = unet.mid2(unet.mid_attn(unet.mid1(h, temb)), temb)
+    h, skips = down_and_middle(unet, x, temb)
     for level, up in zip(unet.up, unet.upsample):
-        for res in level.res:
-            h = res(torch.cat([h, skips.pop(0)], dim=1), temb)
+        for res, attn in zip(level.res, level.attn):
+            h = attn(res(torch.cat([h, skips.pop(0)], dim=1), temb))
         h = up(h)
     return unet.conv_out(torch.nn.functional.silu(unet.norm_out(h)))
 
