@@ -436,6 +436,59 @@ def _(answer):
     return None
 
 
+# --- chapter 04 --------------------------------------------------------------------------------
+
+def _ch04_example() -> tuple[torch.Tensor, torch.Tensor]:
+    """The three queries and four keys of 4.1 (right, up, diagonal; right, up, left, diagonal)."""
+    q = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]], dtype=torch.float64)
+    return q, k
+
+
+@exercise("04.1", "a pair (w5, w02): the largest attention weight of query 0 of 4.1 (the one pointing right) when all "
+                  "queries are multiplied by 5, and when they are multiplied by 0.2",
+          "multiplying q by c multiplies every score q·k/√d by c: recompute softmax(c · q Kᵀ/√d) for query 0 "
+          "(d = 2) and take the largest of its four weights")
+def _(answer):
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        raise TypeError("give a pair (w5, w02)")
+    w5, w02 = (_number(a, name) for a, name in zip(answer, ("w5", "w02")))
+    q, k = _ch04_example()
+    want = {c: (c * q[0] @ k.T / math.sqrt(2)).softmax(-1).max().item() for c in (5.0, 0.2)}
+    if math.isclose(w5, want[0.2], rel_tol=1e-3) and math.isclose(w02, want[5.0], rel_tol=1e-3):
+        return "the two are swapped: a larger scale makes softmax more peaked"
+    for c, got in ((5.0, w5), (0.2, w02)):
+        if not math.isclose(got, want[c], rel_tol=1e-3):
+            unscaled = (c * q[0] @ k.T).softmax(-1).max().item()
+            if math.isclose(got, unscaled, rel_tol=1e-3):
+                return f"the weight at ×{c:g} is that of scores not divided by √d"
+            return f"the largest weight at ×{c:g} is off"
+    return None
+
+
+@exercise("04.5", "a function fused_attention(q, k, v, mask) → the output of F.scaled_dot_product_attention with "
+                  "the course's boolean mask (True = may attend, broadcasting to (..., Lq, Lk)), equal to "
+                  "minisd.attention.attention(q, k, v, mask)",
+          "F.scaled_dot_product_attention(q, k, v, attn_mask=mask) reads a boolean mask as True = may attend, "
+          "the same as the course; nn.MultiheadAttention's key_padding_mask means the opposite")
+def _(answer):
+    from minisd.attention import attention
+
+    g = torch.Generator().manual_seed(405)
+    for B, H, Lq, Lk, d in ((2, 4, 5, 7, 8), (1, 2, 16, 3, 4)):
+        q, k, v = (torch.randn(B, H, L, d, generator=g) for L in (Lq, Lk, Lk))
+        lengths = torch.randint(1, Lk + 1, (B,), generator=g)
+        lengths[0] = Lk - 1                                              # at least one padded key
+        mask = (torch.arange(Lk) < lengths[:, None])[:, None, None, :]   # (B, 1, 1, Lk): keys of each caption
+        for m in (mask, None):
+            got = _call(answer, q.clone(), k.clone(), v.clone(), m)
+            problem = _compare(got, attention(q, k, v, m), "the output" + (" with the mask" if m is not None else
+                                                                            " without a mask"), rtol=1e-4, atol=1e-5)
+            if problem:
+                return problem
+    return None
+
+
 # --- chapter 05 --------------------------------------------------------------------------------
 
 @exercise("05.3", "a function caption_matches(labels, mentioned) → matches (B_img, B_txt) bool: "

@@ -233,6 +233,33 @@ def test_03_1_reference_all_zeroed_is_the_no_skip_unet():
         torch.testing.assert_close(unet_forward_zeroing_written_out(unet, x, t, set()), unet(x, t))
 
 
+def ch04_top_weights():
+    """04.1 by hand: scale the scores, softmax written out with exp."""
+    q = torch.tensor([2.0, 0.0])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
+    tops = []
+    for c in (5.0, 0.2):
+        e = torch.exp(c * (k @ q) / math.sqrt(2))
+        tops.append((e / e.sum()).max().item())
+    return tuple(tops)
+
+
+def fused_attention_by_sdpa(q, k, v, mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+RIGHT.update({"04.1": ch04_top_weights, "04.5": lambda: fused_attention_by_sdpa})
+WRONG.update({
+    "04.1": [ch04_top_weights()[::-1],                                      # swapped
+             (0.9998, 0.3),                                                 # made up
+             tuple((c * torch.tensor([2.0, 0.0]) @ torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]]).T)
+                   .softmax(-1).max().item() for c in (5.0, 0.2))],        # scores not divided by √d
+    "04.5": [lambda q, k, v, m: fused_attention_by_sdpa(q, k, v, None if m is None else ~m),  # nn.MultiheadAttention's sense
+             lambda q, k, v, m: fused_attention_by_sdpa(q, k, v, None),                      # mask ignored
+             lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=1.0)],
+})
+
+
 def ch05_matches_by_loop(labels, mentioned):
     """Image j fits caption k: every attribute caption k states agrees — one pair and one attribute at a time."""
     B = len(labels)
