@@ -50,7 +50,8 @@ def cmd_data(args) -> None:
     n = len(ds)  # a folder may hold fewer than -n
     titles = [c if len(c) <= 60 else c[:59] + "…" for c in ds.captions]
     title = "Shapes" if ds.name == "shapes" else ds.name
-    suptitle = f"{title} ({ds.split} split" + (f", seed {args.seed})" if ds.name == "shapes" else ")")
+    seeded = ds.name == "shapes" or ds.name.startswith("emoji")  # drawn, not read from files
+    suptitle = f"{title} ({ds.split} split" + (f", seed {args.seed})" if seeded else ")")
     fig = show_images(ds.images, titles, ncols=min(8, n), size=1.6, suptitle=suptitle)
     save_figure(fig, out)
     print(f"wrote {out}: {n} {ds.split} images of {ds.image_size}×{ds.image_size} from {ds.name}")
@@ -148,12 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(DATASETS)}, or a folder of images with captions "
                         "(NAME.txt beside each image, or captions.jsonl)")
     d.add_argument("--root", default="data",
-                   help="where mnist, fashion-mnist and cifar10 are kept (default data)")
+                   help="where mnist, fashion-mnist and cifar10 are kept, and emoji renders cached (default data)")
     d.add_argument("--download", action="store_true",
-                   help="fetch mnist, fashion-mnist or cifar10 into --root first (needs internet)")
+                   help="fetch mnist, fashion-mnist or cifar10 (or the emoji font) into --root first (needs internet)")
     d.add_argument("--out", required=True, help="image file to write (.png, .jpg, .pdf, .svg)")
     d.add_argument("-n", type=int, default=32, help="how many images, the first ones (default 32)")
-    d.add_argument("--split", default="train", help="train or test; shapes also has heldout")
+    d.add_argument("--split", default="train", help="train or test; shapes and emoji also have heldout")
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
@@ -171,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its saved state (same result as if never stopped)")
     t.add_argument("--dataset", default=None,
-                   help="shapes (built in, the default), mnist, fashion-mnist, cifar10, or a folder of your own "
-                        "captioned images (image.png + image.txt, or captions.jsonl)")
-    t.add_argument("--root", default="data", help="where mnist, fashion-mnist and cifar10 are stored (default data/)")
+                   help="shapes (built in, the default), mnist, fashion-mnist, cifar10, emoji (English names), "
+                        "emoji-ja (Japanese), emoji-both, or a folder of your own captioned images "
+                        "(image.png + image.txt, or captions.jsonl)")
+    t.add_argument("--root", default="data",
+                   help="where mnist, fashion-mnist, cifar10 and the emoji cache are stored (default data/)")
     t.add_argument("--compile", action="store_true", help="torch.compile each model for training (compiles first)")
     t.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
     t.add_argument("--precision", default="auto",

@@ -24,6 +24,9 @@ Images are rendered with anti-aliased edges from signed distances, in batches on
     mnist           handwritten digits, "a handwritten digit seven"
     fashion-mnist   clothes, "a photo of a sneaker"
     cifar10         small photos, "a photo of a cat", "a photo of an airplane"
+    emoji           1,377 emoji of the Noto Color Emoji font, "red apple" (splits train, test,
+                    heldout; see `minisd.emojis`); emoji-ja: the Japanese names, "赤リンゴ";
+                    emoji-both: each image one of the two
     any other name  the path of a folder of captioned images (one split, train)
 
 MNIST and Fashion-MNIST (28×28 grey) are padded with black to 32×32 and repeated into three
@@ -377,7 +380,7 @@ def toy_2d(name: str = "spiral", n: int = 10_000, seed: int = 0, noise: float = 
 
 
 # --- real datasets and the user's own captioned images ----------------------------------------
-DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "emoji", "emoji-ja", "emoji-both")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
 MNIST_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -456,14 +459,15 @@ def load_dataset(name: str, split: str = "train", root: str | Path = "data", ima
     """One of `DATASETS`, or the folder of captioned images at the path `name`.
 
     Args:
-        split: 'train' or 'test'; shapes also has 'heldout'; a folder has only 'train'.
-        root: where mnist, fashion-mnist and cifar10 are kept (and downloaded to).
+        split: 'train' or 'test'; shapes and emoji also have 'heldout'; a folder has only 'train'.
+        root: where mnist, fashion-mnist and cifar10 are kept (and downloaded to); for emoji, where
+            the font may be (else the system's) and where its renders are cached.
         image_size: side in pixels; images other than Shapes are resized to it (bicubic).
         num_images: keep the first this many, in the files' order (all if None or fewer exist).
             Shapes renders exactly this many (its default sizes if None).
-        seed: Shapes' seed; the other datasets are files, read in order.
-        download: fetch mnist, fashion-mnist or cifar10 into `root` first (needs internet);
-            Shapes is generated, so there is nothing to fetch.
+        seed: Shapes' and emoji's seed; the other datasets are files, read in order.
+        download: fetch mnist, fashion-mnist or cifar10 into `root` first (needs internet); for
+            emoji, the font, unless one is installed. Shapes is generated: nothing to fetch.
     """
     check_count("image_size", image_size, 8)
     if num_images is not None:
@@ -472,11 +476,20 @@ def load_dataset(name: str, split: str = "train", root: str | Path = "data", ima
         ds = Shapes(split, num_images, image_size, seed)
         texts, ids = _index_texts(ds.captions)
         return CaptionedImages("shapes", split, ds.images, texts, ids, ds.labels)
+    if name in DATASETS and name.startswith("emoji"):
+        from minisd.emojis import download_font, find_font, load_emoji
+
+        if download:
+            try:
+                find_font(root)
+            except MinisdError:
+                download_font(root)
+        return load_emoji(split, name.partition("-")[2] or "en", root, image_size, num_images, seed)
     if name not in DATASETS:
         return _load_folder(Path(name), split, image_size, num_images, download)
     if split not in ("train", "test"):
         raise MinisdError(f"unknown split {split!r} for {name}; allowed: 'train', 'test' "
-                          "('heldout' exists only for shapes)")
+                          "('heldout' exists only for shapes and emoji)")
     if name == "cifar10":
         images, labels, classes = _read_cifar10(Path(root), split, download, num_images)
         texts = [f"a photo of {_article(c)} {c}" for c in classes]
@@ -671,7 +684,7 @@ def _load_folder(folder: Path, split: str, image_size: int, num_images: int | No
                           "to hold images out, put them in a second folder and load that")
     if download:
         raise MinisdError(f"there is nothing to download for the folder {str(folder)!r}; "
-                          f"download works for {', '.join(DATASETS[1:])}")
+                          f"download works for {', '.join(DATASETS[1:5])}")
     jsonl = folder / CAPTIONS_FILE
     entries = _read_captions_jsonl(jsonl) if jsonl.is_file() else _read_caption_files(folder)
     if not entries:

@@ -3,7 +3,9 @@
     "a small red circle"  →  [<start>, a, small, red, circle, <end>, <pad>, …]  →  [1, 4, 9, 7, 5, 2, 0, …]
 
 Text is lower-cased and split into words and single punctuation marks (any script: `\\w` is
-Unicode-aware). Words not in the vocabulary become <unk>, so any string is accepted. Sequences
+Unicode-aware). Japanese and Chinese write no spaces between words, so each kana and each CJK
+ideograph is a token of its own: "赤リンゴ" → 赤, リ, ン, ゴ. Words not in the vocabulary become
+<unk>, so any string is accepted. Sequences
 have a fixed length, `max_length`, counting <start> and <end>; longer text is cut, with a warning.
 Real Stable Diffusion uses CLIP's byte-pair tokenizer with 49,408 tokens; our captions need a few
 dozen words, and a word-level vocabulary keeps every id readable.
@@ -25,11 +27,12 @@ from minisd.errors import MinisdError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
-_WORDS = re.compile(r"\w+|[^\w\s]")
+_CJK = "\u3005\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # 々, kana, CJK ideographs
+_WORDS = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]")  # one CJK character, a word of other letters, a mark
 
 
 def split_words(text: str) -> list[str]:
-    """Normalise (NFKC, lower case) and split into words and punctuation marks."""
+    """Normalise (NFKC, lower case) and split into words, punctuation marks and single CJK characters."""
     return _WORDS.findall(unicodedata.normalize("NFKC", str(text)).lower())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,6 +19,35 @@ def to_numpy_images(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+# Fonts with Japanese glyphs, by family name, and where Debian and Ubuntu install some of them
+CJK_FONTS = ("IPAexGothic", "IPAGothic", "Noto Sans CJK JP", "Noto Sans JP", "TakaoGothic", "Hiragino Sans",
+             "Yu Gothic", "MS Gothic", "Droid Sans Fallback")
+CJK_FONT_FILES = ("/usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf",
+                  "/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf",
+                  "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+                  "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf")
+
+
+def has_cjk(text: str) -> bool:
+    """Whether `text` has characters from U+3000 on (CJK punctuation, kana, ideographs)."""
+    return any(ord(ch) >= 0x3000 for ch in text)
+
+
+def cjk_font() -> str | None:
+    """The family name of an installed font with Japanese glyphs, registered with matplotlib; None if none."""
+    from matplotlib import font_manager
+
+    known = {f.name for f in font_manager.fontManager.ttflist}
+    found = next((name for name in CJK_FONTS if name in known), None)
+    if found is None:  # installed after matplotlib built its font list: register the file itself
+        from pathlib import Path
+
+        for path in filter(lambda p: Path(p).is_file(), CJK_FONT_FILES):
+            font_manager.fontManager.addfont(path)
+            return font_manager.FontProperties(fname=path).get_name()
+    return found
+
+
 def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8,
                 size: float = 1.4, suptitle: str | None = None, wrap: int = 18):
     """A grid of images (N, C, H, W) in [0, 1] or uint8, each with an optional title. Returns the figure."""
@@ -28,13 +58,21 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
     extra = 0.35 * (2 if titles else 0)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra) * nrows + (0.4 if suptitle else 0)),
                              squeeze=False, layout="constrained")  # constrained: room for the suptitle and titles
+    family = None  # matplotlib's default font has no Japanese: fall back to one that has, per glyph
+    if titles and any(has_cjk(str(t)) for t in titles):
+        font = cjk_font()
+        if font is None:
+            warnings.warn("the titles have Japanese characters but no font with Japanese glyphs was found, so they "
+                          "show as boxes; install one, e.g. `sudo apt install fonts-ipafont-gothic`", stacklevel=2)
+        else:
+            family = [plt.rcParams["font.sans-serif"][0], font]
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
             ax.imshow(arr[k].squeeze(-1) if arr.shape[-1] == 1 else arr[k],
                       cmap="gray" if arr.shape[-1] == 1 else None, interpolation="nearest")
             if titles:
-                ax.set_title("\n".join(textwrap.wrap(str(titles[k]), wrap)), fontsize=7)
+                ax.set_title("\n".join(textwrap.wrap(str(titles[k]), wrap)), fontsize=7, fontfamily=family)
     if suptitle:
         fig.suptitle(suptitle)
     return fig

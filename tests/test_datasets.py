@@ -207,7 +207,7 @@ def test_splits_shapes_heldout_and_errors(tmp_path):
     write_mnist(tmp_path)
     with pytest.raises(MinisdError, match="unknown split 'heldout' for mnist; allowed: 'train', 'test'"):
         load_dataset("mnist", "heldout", root=tmp_path)
-    assert DATASETS == ("shapes", "mnist", "fashion-mnist", "cifar10")
+    assert DATASETS == ("shapes", "mnist", "fashion-mnist", "cifar10", "emoji", "emoji-ja", "emoji-both")
 
 
 # --- the user's own folder --------------------------------------------------------------------
@@ -278,7 +278,7 @@ IMG = np.zeros((8, 8, 3), np.uint8)
 
 
 @pytest.mark.parametrize("files,split,message", [
-    (None, "train", r"unknown dataset '.*nowhere'; allowed: 'shapes', 'mnist', 'fashion-mnist', 'cifar10', or the path"),
+    (None, "train", r"unknown dataset '.*nowhere'; allowed: 'shapes', 'mnist', 'fashion-mnist', 'cifar10', 'emoji', 'emoji-ja', 'emoji-both', or the path"),
     ({}, "train", r"no images in '.*mine': put image files \(.png .jpg .jpeg .webp .bmp\)"),
     ({"a.png": IMG, "b.png": IMG, "a.txt": "x"}, "train", r"image '.*b.png' has no caption; write it into '.*b.txt'"),
     ({"a.png": IMG, "a.txt": " \n"}, "train", r"caption file '.*a.txt' is empty"),
