@@ -68,10 +68,11 @@ def cmd_train(args) -> None:
                         data_root=args.root)
     if distributed.is_main():
         config = json.loads((Path(args.out) / "config.json").read_text())
-        shapes, prompt = config.get("dataset") == "shapes", config.get("example_caption", "…")
+        measured = config.get("dataset") in ("shapes", "emoji", "emoji-ja", "emoji-both")  # `minisd eval` has a judge
+        prompt = config.get("example_caption", "…")
         print(f"wrote {args.out} in {metrics['train']['total_wall_seconds']:.0f} s of training; "
               f"sample with `minisd sample --run {args.out} --prompt \"{prompt}\" --out grid.png`"
-              + (f", measure with `minisd eval --run {args.out}`" if shapes else ""))
+              + (f", measure with `minisd eval --run {args.out}`" if measured else ""))
 
 
 def cmd_sample(args) -> None:

@@ -20,12 +20,17 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import time
 import urllib.request
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
 
 from minisd.errors import MinisdError
 
@@ -231,3 +236,242 @@ def _compose(rgba: np.ndarray, which: np.ndarray, size: int, rng: np.random.Gene
         canvas.alpha_composite(glyph, (x, int(v * (room + 1))))
         out[i] = np.asarray(canvas.convert("RGB")).transpose(2, 0, 1)
     return out
+
+
+# --- the judge: which emoji is this? -----------------------------------------------------------
+# Prompt fidelity on emoji is how often a classifier over all the emoji reads a sample as the emoji
+# its prompt named; FID compares its features on samples and on real renders. It is trained on
+# renders of every emoji — the held-out ones too: it is the measuring instrument, not the model
+# under test — at random sizes and places, with blur and noise, so that it reads imperfect
+# samples as well.
+
+EMOJI_JUDGE_VERSION = "emoji-judge-v1"  # bump when the architecture or the training changes
+# The judge for Debian's font (FONT_SHA256), trained with the default config and stored in float16,
+# ships with the package: training it takes about 9 minutes on two CPU cores.
+SHIPPED_JUDGE = Path(__file__).parent / "pretrained" / "emoji-judge"
+
+
+@dataclass(frozen=True)
+class EmojiJudgeConfig:
+    num_emoji: int = 1377
+    image_size: int = 32
+    width: int = 32
+    feature_dim: int = 256
+    steps: int = 2400
+    batch_size: int = 256
+    lr: float = 3e-3
+    per_emoji: int = 40  # training renders of each emoji
+
+
+class EmojiJudge(nn.Module):
+    """Images (N, 3, S, S), uint8 or floats in [0, 1] → logits over the emoji (N, num_emoji)."""
+
+    def __init__(self, config: EmojiJudgeConfig = EmojiJudgeConfig()):
+        super().__init__()
+        from minisd.metrics import judge_body
+
+        self.config = c = config
+        self.body = judge_body(c.width, c.image_size, c.feature_dim)  # the Shapes judge's conv net
+        self.head = nn.Linear(c.feature_dim, c.num_emoji)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, feature_dim): what FID compares. Other sizes are averaged to the judge's first."""
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        if x.shape[-1] != self.config.image_size:
+            x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="area")
+        return self.body(2 * x - 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor, k: int = 5, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the k most likely emoji of each image, best first (N, k), features (N, feature_dim))."""
+        device = next(self.parameters()).device
+        tops, feats = [], []
+        for lo in range(0, len(images), batch_size):
+            h = self.features(images[lo: lo + batch_size].to(device))
+            feats.append(h.cpu())
+            tops.append(self.head(h).topk(k, dim=1).indices.cpu())
+        return torch.cat(tops), torch.cat(feats)
+
+    def save_pretrained(self, folder) -> None:
+        from minisd.checkpoint import save_module
+
+        save_module(self, asdict(self.config), folder)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> EmojiJudge:
+        from minisd.checkpoint import load_module
+
+        return load_module(cls, EmojiJudgeConfig, folder)
+
+
+def train_emoji_judge(root: str | Path = "data", config: EmojiJudgeConfig | None = None, seed: int = 1000,
+                      device: str = "auto", progress: bool = True) -> tuple[EmojiJudge, dict]:
+    """Train the judge on `config.per_emoji` renders of every emoji (seeds apart from every split's).
+    Returns (judge, `emoji_judge_accuracy`)."""
+    from minisd.metrics import blur_and_noise
+    from minisd.train import TrainConfig, train
+
+    chars, _, _, rgba = emoji_renders(root)
+    config = config or EmojiJudgeConfig(num_emoji=len(chars))
+    if config.num_emoji != len(chars):
+        raise MinisdError(f"the judge is configured for {config.num_emoji} emoji; the font draws {len(chars)}")
+    rng = np.random.default_rng([seed, 3])
+    which = rng.permutation(np.repeat(np.arange(len(chars)), config.per_emoji))
+    half = len(which) // 2  # both column parities, as in the train and the test split
+    images = torch.from_numpy(np.concatenate([_compose(rgba, which[:half], config.image_size, rng, odd_x=False),
+                                              _compose(rgba, which[half:], config.image_size, rng, odd_x=True)]))
+
+    def loss_fn(model, batch, generator):
+        x, y = batch
+        return F.cross_entropy(model(blur_and_noise(x.float() / 255, generator).clamp(0, 1)), y)
+
+    torch.manual_seed(seed)
+    judge = EmojiJudge(config)
+    train(judge, loss_fn, (images, torch.from_numpy(which).long()),
+          TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=100, seed=seed,
+                      device=device, progress=progress, desc="emoji judge"))
+    return judge.eval(), emoji_judge_accuracy(judge, root)
+
+
+def emoji_judge_accuracy(judge: EmojiJudge, root: str | Path = "data") -> dict[str, float]:
+    """Top-1 and top-5 accuracy on clean renders (no blur, no noise) of the test split (two per
+    emoji) and of the held-out split, seed 0."""
+    out = {}
+    for split, n in (("test", 2 * judge.config.num_emoji), ("heldout", DEFAULT_SIZES["heldout"])):
+        ds = load_emoji(split, "en", root, judge.config.image_size, n, seed=0)
+        top, _ = judge.read(ds.images)
+        out[f"{split}/top1"] = (top[:, 0] == ds.labels).float().mean().item()
+        out[f"{split}/top5"] = (top == ds.labels[:, None]).any(1).float().mean().item()
+    return out
+
+
+def write_emoji_judge(judge: EmojiJudge, folder: str | Path, root: str | Path = "data") -> dict:
+    """Store `judge` in float16 in `folder` (as `SHIPPED_JUDGE` is made), with its accuracy measured
+    after the rounding (`emoji_judge_accuracy`) in accuracy.json; returns that accuracy."""
+    import json
+
+    from minisd.checkpoint import atomic_write
+
+    folder = Path(folder)
+    judge.to(torch.float16).save_pretrained(folder)
+    judge = EmojiJudge.from_pretrained(folder)  # float32 again, from the rounded weights
+    accuracy = emoji_judge_accuracy(judge, root)
+    atomic_write(folder / "accuracy.json", lambda tmp: Path(tmp).write_text(json.dumps(accuracy, indent=2) + "\n"))
+    return accuracy
+
+
+def load_emoji_judge(root: str | Path = "data", config: EmojiJudgeConfig | None = None, device: str = "cpu",
+                     progress: bool = True, log=print) -> tuple[EmojiJudge, dict]:
+    """The emoji judge and its accuracy: the one shipped with the package for Debian's font and the
+    default config; otherwise trained on first use (about 9 minutes on 2 cores for the default)
+    and cached in `minisd.metrics.cache_dir()`, one folder per font and config."""
+    import json
+
+    from minisd.checkpoint import atomic_write
+    from minisd.metrics import cache_dir
+
+    font = find_font(root)
+    default = EmojiJudgeConfig(num_emoji=len(emoji_table(font)[0]))
+    config = config or default
+    digest = hashlib.sha256(font.read_bytes()).hexdigest()
+    if config == default and digest == FONT_SHA256 and (SHIPPED_JUDGE / "accuracy.json").is_file():
+        return (EmojiJudge.from_pretrained(SHIPPED_JUDGE).to(device).eval(),
+                json.loads((SHIPPED_JUDGE / "accuracy.json").read_text()))
+    key = hashlib.sha256((digest + json.dumps(asdict(config), sort_keys=True)).encode()).hexdigest()[:12]
+    folder = cache_dir() / f"{EMOJI_JUDGE_VERSION}-{key}"
+    try:
+        judge = EmojiJudge.from_pretrained(folder)
+        accuracy = json.loads((folder / "accuracy.json").read_text())
+    except (MinisdError, OSError, json.JSONDecodeError):
+        log(f"training the emoji judge (once; cached in {folder})")
+        judge, accuracy = train_emoji_judge(root, config, device=device, progress=progress)
+        judge.save_pretrained(folder)
+        atomic_write(folder / "accuracy.json", lambda tmp: Path(tmp).write_text(json.dumps(accuracy, indent=2)))
+    return judge.to(device).eval(), accuracy
+
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "black", "white")
+OBJECTS = ("heart", "circle", "square")
+
+
+def colour_and_object(name: str) -> tuple[str | None, str | None]:
+    """The colour word and the object word of an English emoji name: 'green heart' → ('green',
+    'heart'), 'black large square' → ('black', 'square'), 'red apple' → ('red', None)."""
+    words = name.split()
+    colour = next((w for w in words if w in COLOURS), None)
+    return colour, (words[-1] if words and words[-1] in OBJECTS else None)
+
+
+def evaluate_emoji(sd, judge: EmojiJudge, root: str | Path = "data", lang: str = "en", per_prompt: int = 1,
+                   held_out_per_prompt: int = 20, steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
+                   batch_size: int = 250, limit: int | None = None, progress: bool = False) -> dict:
+    """Prompt fidelity and FID of a text-to-image model trained on emoji, read by the emoji judge.
+
+    Every emoji of the test split is prompted by its name in `lang` ('en' or 'ja') `per_prompt`
+    times (the first `limit` emoji only, if given), each held-out emoji `held_out_per_prompt`
+    times. Returned, as fractions with their 95 % Wilson intervals ('<key>_ci'):
+
+    top1, top5            the share of samples whose emoji is the judge's first / among its five first
+    heldout_top1, heldout_top5   the same on the held-out compositions (green heart, …)
+    heldout_colour, heldout_object  held-out samples read as an emoji of the asked colour / object
+    fid, fid_reference    Fréchet distance of the judge's features: samples against real renders of
+                          the same emoji, and a second real set against the first (the floor)
+
+    FID compares the two sets as distributions: a model that drew every emoji in another's place
+    would score as well as a perfect one. Fidelity to the prompt is what top1 and top5 measure.
+    """
+    from minisd.errors import check_choice
+    from minisd.metrics import frechet_distance, proportion_interval
+
+    check_choice("prompt language", lang, ("en", "ja"))
+    begin = time.perf_counter()
+    chars, en, ja, rgba = emoji_renders(root)
+    names = en if lang == "en" else ja
+    held = [en.index(name) for name in HELD_OUT]
+    test = [k for k in range(len(chars)) if k not in held][:limit]
+    asked = torch.tensor([k for k in test for _ in range(per_prompt)] + [k for k in held for _ in range(held_out_per_prompt)])
+    prompts = [names[k] for k in asked.tolist()]
+    images = []
+    for lo in tqdm(range(0, len(prompts), batch_size), desc="sampling emoji", disable=not progress):
+        res = sd(prompts[lo: lo + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + lo)
+        images.append(res.images.cpu())
+    images = torch.cat(images)
+    top, feats = judge.read(images)
+    is_held = torch.tensor([k in held for k in asked.tolist()])
+    out: dict = {}
+
+    def rate(key, hits):
+        out[key], out[f"{key}_ci"] = hits.float().mean().item(), proportion_interval(int(hits.sum()), len(hits))
+
+    hit1, hit5 = top[:, 0] == asked, (top == asked[:, None]).any(1)
+    rate("top1", hit1[~is_held]), rate("top5", hit5[~is_held])
+    rate("heldout_top1", hit1[is_held]), rate("heldout_top5", hit5[is_held])
+    read_names = [en[k] for k in top[is_held, 0].tolist()]
+    wanted = [colour_and_object(en[k]) for k in asked[is_held].tolist()]
+    rate("heldout_colour", torch.tensor([colour_and_object(r)[0] == w[0] for r, w in zip(read_names, wanted)]))
+    rate("heldout_object", torch.tensor([colour_and_object(r)[1] == w[1] for r, w in zip(read_names, wanted)]))
+    size = images.shape[-1]
+    real = [torch.from_numpy(_compose(rgba, asked[~is_held].numpy(), size, np.random.default_rng([seed, s]), odd_x=True))
+            for s in (10_000, 20_000)]
+    feats_a, feats_b = (judge.read(r)[1] for r in real)
+    out["fid"] = frechet_distance(feats[~is_held], feats_a)
+    out["fid_reference"] = frechet_distance(feats_b, feats_a)
+    out["num_images"], out["lang"], out["seconds"] = len(images), lang, time.perf_counter() - begin
+    return out
+
+
+def format_emoji_metrics(r: dict) -> list[str]:
+    """`evaluate_emoji`'s figures as lines, each rate with its 95 % interval."""
+    from minisd.metrics import format_interval
+
+    def rate(key):
+        return f"{key} {format_interval(r[key], r[key + '_ci'], percent=True)}"
+
+    return [f"prompts in {r['lang']}: {r['num_images']} images in {r['seconds']:.0f} s",
+            "  " + "  ".join(rate(k) for k in ("top1", "top5")) + "  (the judge's reading)",
+            "  held-out compositions: " + "  ".join(rate(k) for k in ("heldout_top1", "heldout_top5", "heldout_colour",
+                                                                     "heldout_object")),
+            f"  FID {r['fid']:.1f} against real renders of the same emoji; real vs real {r['fid_reference']:.1f}"]

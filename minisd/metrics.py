@@ -220,6 +220,30 @@ class JudgeConfig:
     num_images: int = 24_000
 
 
+def judge_body(width: int, image_size: int, feature_dim: int) -> nn.Sequential:
+    """The judges' conv net: (N, 3, S, S) in [-1, 1] → features (N, feature_dim). Three stride-2
+    stages to S/8; the flattened map keeps where things are."""
+
+    def block(i, o, stride):
+        return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.GroupNorm(8, o), nn.SiLU()]
+
+    w = width
+    return nn.Sequential(*block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
+                         nn.Flatten(), nn.Linear(4 * w * (image_size // 8) ** 2, feature_dim), nn.SiLU())
+
+
+def blur_and_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A judge's training augmentation: a 3×3 box blur on half the images, and Gaussian noise of a
+    random level up to 0.05 on all; images (N, 3, S, S) in [0, 1]. Draws on `generator`'s device."""
+    from minisd.distributed import draw_device
+
+    where = draw_device(generator)
+    blur = torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) < 0.5
+    x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1), x)
+    return x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) \
+        * torch.randn(x.shape, generator=generator, device=where).to(x.device)
+
+
 class Judge(nn.Module):
     """Images (N, 3, S, S) in [0, 1] → one set of logits per attribute. A plain conv net; the
     flattened 4×4 map keeps where things are, which the position head needs."""
@@ -229,14 +253,7 @@ class Judge(nn.Module):
         from minisd.data import VOCABULARY
 
         self.config = c = config
-        w = c.width
-
-        def block(i, o, stride):
-            return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.GroupNorm(8, o), nn.SiLU()]
-
-        self.body = nn.Sequential(*block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2),
-                                  *block(4 * w, 4 * w, 2), nn.Flatten(),
-                                  nn.Linear(4 * w * (c.image_size // 8) ** 2, c.feature_dim), nn.SiLU())
+        self.body = judge_body(c.width, c.image_size, c.feature_dim)
         self.heads = nn.ModuleList(nn.Linear(c.feature_dim, len(v)) for v in VOCABULARY.values())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -283,7 +300,6 @@ def train_judge(config: JudgeConfig = JudgeConfig(), seed: int = 1000, device: s
     reads imperfect samples as well. Seeds differ from every evaluation set. Returns (judge,
     accuracy per attribute on 2,000 test and 1,000 held-out images)."""
     from minisd.data import Shapes
-    from minisd.distributed import draw_device
     from minisd.train import TrainConfig, train
 
     n_held = config.num_images // 6
@@ -294,12 +310,7 @@ def train_judge(config: JudgeConfig = JudgeConfig(), seed: int = 1000, device: s
 
     def loss_fn(model, batch, generator):
         x, y = batch
-        x = x.float() / 255
-        where = draw_device(generator)
-        blur = torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) < 0.5
-        x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1), x)
-        x = x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=generator, device=where).to(x.device) \
-            * torch.randn(x.shape, generator=generator, device=where).to(x.device)
+        x = blur_and_noise(x.float() / 255, generator)
         return sum(F.cross_entropy(logits, y[:, k]) for k, logits in enumerate(model(x)))
 
     torch.manual_seed(seed)

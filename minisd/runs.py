@@ -258,7 +258,8 @@ EVAL_GUIDANCE = 4.0
 def evaluate_run(run, split: str = "test", log=print, progress: bool = True, device: str = "auto") -> dict:
     """Evaluate every trained component of run folder `run` on a Shapes split (and the held-out
     pairs); print the figures and store them in metrics.json under 'eval'. With a U-Net, the
-    whole model: prompt accuracy and FID read by the judge, for each of `EVAL_SAMPLERS`.
+    whole model: prompt accuracy and FID read by the judge, for each of `EVAL_SAMPLERS`. A run
+    trained on emoji is measured as a whole model by the emoji judge instead (`evaluate_emoji`).
     device: where the whole model samples and the judge reads ('auto': CUDA if present)."""
     from minisd.data import SPLITS
     from minisd.train import pick_device
@@ -272,9 +273,11 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
     if not present:
         raise MinisdError(f"{str(run)!r} has no trained component (looked for {', '.join(s + '/' for s in STAGES)})")
     run_config = read_json(run / "config.json", missing={})
+    if run_config.get("dataset", "shapes") in ("emoji", "emoji-ja", "emoji-both"):
+        return _evaluate_emoji_run(run, run_config, present, device, progress, log)
     if run_config.get("dataset", "shapes") != "shapes":
-        raise MinisdError(f"{str(run)!r} was trained on {run_config['dataset']!r}; `minisd eval` measures Shapes runs "
-                          "(its judge reads colour, shape, size and position). Look at samples with `minisd sample`")
+        raise MinisdError(f"{str(run)!r} was trained on {run_config['dataset']!r}; `minisd eval` measures Shapes and "
+                          "emoji runs (their judges read what each sample shows). Look at samples with `minisd sample`")
     image_size = run_config.get("pipeline", {}).get("image_size", 32)
     models = {}  # load everything first: a damaged file fails before minutes of evaluation
     if "vae" in present:
@@ -316,6 +319,31 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
             log(f"{name:4s} {part:8s} {lines[0]}")
             for line in lines[1:]:
                 log(f"{'':14s}{line}")
+    metrics = read_json(run / "metrics.json", missing={})
+    metrics.setdefault("eval", {}).update(figures)
+    write_json(run / "metrics.json", metrics)
+    return figures
+
+
+def _evaluate_emoji_run(run: Path, run_config: dict, present: list[str], device: str, progress: bool, log) -> dict:
+    """`evaluate_run` for a run trained on emoji: the whole model's prompt fidelity and FID, read by
+    the emoji judge, with the prompts in each language the run was trained on."""
+    from minisd.emojis import evaluate_emoji, format_emoji_metrics, load_emoji_judge
+    from minisd.pipeline import StableDiffusion
+
+    if "unet" not in present:
+        raise MinisdError(f"{str(run)!r} has no trained U-Net; `minisd eval` measures an emoji run's whole model")
+    root = run_config.get("data_root", "data")
+    sd = StableDiffusion.from_pretrained(run, device=device)
+    judge, judge_acc = load_emoji_judge(root, device=device, progress=progress, log=log)
+    log("judge on real renders: " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in judge_acc.items()))
+    figures: dict[str, dict] = {"emoji_judge": judge_acc}
+    langs = {"emoji": ("en",), "emoji-ja": ("ja",), "emoji-both": ("en", "ja")}[run_config["dataset"]]
+    for lang in langs:
+        result = evaluate_emoji(sd, judge, root, lang=lang, guidance_scale=EVAL_GUIDANCE, progress=progress)
+        figures[f"sd/emoji-{lang}"] = result
+        for line in format_emoji_metrics(result):
+            log(line)
     metrics = read_json(run / "metrics.json", missing={})
     metrics.setdefault("eval", {}).update(figures)
     write_json(run / "metrics.json", metrics)

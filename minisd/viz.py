@@ -48,6 +48,20 @@ def cjk_font() -> str | None:
     return found
 
 
+def font_family(texts) -> list[str] | None:
+    """The font family for figure text: None (matplotlib's default) unless `texts` have Japanese
+    characters; then the default font with a Japanese one as fallback, glyph by glyph (a warning
+    if no such font is installed)."""
+    if not any(has_cjk(str(t)) for t in texts if t is not None):
+        return None
+    font = cjk_font()
+    if font is None:
+        warnings.warn("the text has Japanese characters but no font with Japanese glyphs was found, so they show as "
+                      "boxes; install one, e.g. `sudo apt install fonts-ipafont-gothic`", stacklevel=3)
+        return None
+    return [plt.rcParams["font.sans-serif"][0], font]
+
+
 def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8,
                 size: float = 1.4, suptitle: str | None = None, wrap: int = 18):
     """A grid of images (N, C, H, W) in [0, 1] or uint8, each with an optional title. Returns the figure."""
@@ -58,14 +72,7 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
     extra = 0.35 * (2 if titles else 0)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra) * nrows + (0.4 if suptitle else 0)),
                              squeeze=False, layout="constrained")  # constrained: room for the suptitle and titles
-    family = None  # matplotlib's default font has no Japanese: fall back to one that has, per glyph
-    if titles and any(has_cjk(str(t)) for t in titles):
-        font = cjk_font()
-        if font is None:
-            warnings.warn("the titles have Japanese characters but no font with Japanese glyphs was found, so they "
-                          "show as boxes; install one, e.g. `sudo apt install fonts-ipafont-gothic`", stacklevel=2)
-        else:
-            family = [plt.rcParams["font.sans-serif"][0], font]
+    family = font_family([*(titles or []), suptitle])  # Japanese captions need a Japanese font
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
@@ -74,7 +81,7 @@ def show_images(images: torch.Tensor, titles: list[str] | None = None, ncols: in
             if titles:
                 ax.set_title("\n".join(textwrap.wrap(str(titles[k]), wrap)), fontsize=7, fontfamily=family)
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle, fontfamily=family)
     return fig
 
 
@@ -116,6 +123,7 @@ def show_image_table(images: torch.Tensor, row_labels: list[str] | None = None,
     arr = to_numpy_images(images.flatten(0, 1)).reshape(R, C, *images.shape[3:], images.shape[2])
     fig, axes = plt.subplots(R, C, figsize=(size * C + (1.0 if row_labels else 0), size * R + 0.6),
                              squeeze=False)
+    family = font_family([*(row_labels or []), *(col_labels or []), suptitle])
     for i in range(R):
         for j in range(C):
             ax = axes[i, j]
@@ -125,10 +133,10 @@ def show_image_table(images: torch.Tensor, row_labels: list[str] | None = None,
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0 and col_labels:
-                ax.set_title(str(col_labels[j]), fontsize=8)
+                ax.set_title(str(col_labels[j]), fontsize=8, fontfamily=family)
             if j == 0 and row_labels:
-                ax.set_ylabel(str(row_labels[i]), fontsize=8)
+                ax.set_ylabel(str(row_labels[i]), fontsize=8, fontfamily=family)
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle, fontfamily=family)
     fig.tight_layout()
     return fig

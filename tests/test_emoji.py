@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import os
 import sys
 import tarfile
@@ -182,3 +183,72 @@ def test_font_package_unpacking_and_checksum(tmp_path, monkeypatch):
     # with the checksum of this package, the font lands in root, written whole
     monkeypatch.setattr(emojis, "FONT_PACKAGE_SHA256", hashlib.sha256(package).hexdigest())
     assert emojis.download_font(tmp_path / "data", url=url).read_bytes() == font
+
+
+# --- the judge and the fidelity measurement -----------------------------------------------------
+def test_colour_and_object_of_a_name():
+    assert emojis.colour_and_object("green heart") == ("green", "heart")
+    assert emojis.colour_and_object("black large square") == ("black", "square")
+    assert emojis.colour_and_object("red apple") == ("red", None)
+    assert emojis.colour_and_object("grinning face") == (None, None)
+
+
+@pytest.fixture(scope="module")
+def judge(root):
+    judge, accuracy = emojis.load_emoji_judge(root, log=lambda *a: None, progress=False)
+    return judge, accuracy
+
+
+def test_the_judge_reads_clean_renders(judge, root):
+    model, stored = judge
+    measured = emojis.emoji_judge_accuracy(model, root)  # fresh renders, not the stored figures
+    assert measured["test/top1"] >= 0.99 and measured["heldout/top1"] >= 0.99
+    assert measured["test/top5"] >= measured["test/top1"]
+    assert measured == pytest.approx(stored, abs=1e-6)
+
+
+class _Drawer:
+    """A stand-in text-to-image model that draws the emoji its prompt names (shifted by `offset`
+    in the table: 0 = a perfect model, 1 = always the wrong emoji, None = nothing at all)."""
+
+    def __init__(self, root, lang, offset):
+        chars, en, ja, self.rgba = emojis.emoji_renders(root)
+        self.index = {name: k for k, name in enumerate(en if lang == "en" else ja)}
+        self.offset, self.count = offset, len(chars)
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, seed):
+        if self.offset is None:  # a model that draws nothing: white images
+            return type("Result", (), {"images": torch.ones(len(prompts), 3, 32, 32)})
+        which = np.array([(self.index[p] + self.offset) % self.count for p in prompts])
+        images = emojis._compose(self.rgba, which, 32, np.random.default_rng(seed), odd_x=True)
+        return type("Result", (), {"images": torch.from_numpy(images).float() / 255})
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_fidelity_of_a_perfect_and_of_a_wrong_model(judge, root, lang):
+    model, _ = judge
+    perfect = emojis.evaluate_emoji(_Drawer(root, lang, 0), model, root, lang=lang, limit=300, held_out_per_prompt=10)
+    assert perfect["top1"] >= 0.97 and perfect["heldout_top1"] >= 0.9
+    assert min(perfect["heldout_colour"], perfect["heldout_object"]) >= perfect["heldout_top1"]
+    assert perfect["fid"] < 2 * perfect["fid_reference"]
+    lo, hi = perfect["top1_ci"]
+    assert lo <= perfect["top1"] <= hi
+    wrong = emojis.evaluate_emoji(_Drawer(root, lang, 1), model, root, lang=lang, limit=300, held_out_per_prompt=10)
+    assert wrong["top1"] < 0.05 and wrong["heldout_top1"] < 0.05
+    # FID compares distributions: drawing every emoji in its neighbour's place leaves it where it was
+    assert abs(wrong["fid"] - perfect["fid"]) < 0.25 * perfect["fid_reference"]
+    blank = emojis.evaluate_emoji(_Drawer(root, lang, None), model, root, lang=lang, limit=300, held_out_per_prompt=10)
+    assert blank["fid"] > 5 * perfect["fid_reference"] and blank["top5"] < 0.05
+
+
+def test_an_emoji_run_trains_samples_in_japanese_and_is_measured(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--dataset", "emoji-ja", "--root", str(root), "--out", str(out)]) == 0
+    assert "measure with `minisd eval" in capsys.readouterr().out
+    png = tmp_path / "s.png"
+    assert main(["sample", "--run", str(out), "--prompt", "赤リンゴ", "-n", "2", "--steps", "5", "--out", str(png)]) == 0
+    assert main(["eval", "--run", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prompts in ja: 1434 images" in printed and "held-out compositions" in printed
+    figures = json.loads((out / "metrics.json").read_text())["eval"]["sd/emoji-ja"]
+    assert 0 <= figures["top1"] <= figures["top5"] <= 1 and figures["num_images"] == 1434

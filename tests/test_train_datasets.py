@@ -42,7 +42,7 @@ def test_a_run_on_your_own_captioned_images_trains_and_samples(tmp_path, capsys)
                  "--out", str(png)]) == 0 and png.is_file()
     capsys.readouterr()
     assert main(["eval", "--run", str(out)]) == 2  # the judge knows only Shapes, and says so
-    assert "measures Shapes runs" in capsys.readouterr().err
+    assert "measures Shapes and emoji runs" in capsys.readouterr().err
     # a run keeps its dataset: retraining a stage on another one is refused
     assert main(["train", "--preset", "tiny", "--dataset", "shapes", "--stages", "unet", "--out", str(out)]) == 2
     assert "trained on" in capsys.readouterr().err
