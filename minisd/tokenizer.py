@@ -5,10 +5,12 @@
 Text is lower-cased and split into words and single punctuation marks (any script: `\\w` is
 Unicode-aware). Japanese and Chinese write no spaces between words, so each kana and each CJK
 ideograph is a token of its own: "赤リンゴ" → 赤, リ, ン, ゴ. Words not in the vocabulary become
-<unk>, so any string is accepted. Sequences
-have a fixed length, `max_length`, counting <start> and <end>; longer text is cut, with a warning.
+<unk>, so any string is accepted. Sequences have a fixed length, `max_length`, counting <start>
+and <end>; longer text is cut, with a warning.
 Real Stable Diffusion uses CLIP's byte-pair tokenizer with 49,408 tokens; our captions need a few
-dozen words, and a word-level vocabulary keeps every id readable.
+dozen words, and a word-level vocabulary keeps every id readable. `BPETokenizer`, at the end of
+this module, is CLIP's tokenizer written from scratch: it reads CLIP's merges file or a diffusers
+`tokenizer/` folder and gives exactly CLIP's ids.
 """
 
 from __future__ import annotations
@@ -108,3 +110,177 @@ def shapes_tokenizer(max_length: int = 16, paraphrases: bool = False) -> Tokeniz
         words += ["shape"] + [w for t in PARAPHRASE_TEMPLATES for w in split_words(t.format(np="", loc=""))]
         words += [w for options in SYNONYMS.values() for v in options for w in split_words(v)]
     return Tokenizer(words, max_length)
+
+
+# --- CLIP's byte-pair encoding: what Stable Diffusion's text encoder reads -----------------------
+# Real captions are open-ended, so a word list cannot cover them. CLIP (Radford et al. 2021) uses
+# byte-pair encoding (Sennrich et al. 2016): start from the bytes of each word and apply, in order
+# of priority, the 48,894 merges that training found most useful — "c a t</w>" → "ca t</w>" →
+# "cat</w>" — so common words become one token, rare ones several pieces, and any text at all
+# (any script, emoji) some sequence of the 49,408 tokens. "</w>" marks the end of a word.
+
+BPE_START, BPE_END = "<|startoftext|>", "<|endoftext|>"
+BPE_MAX_LENGTH = 77  # CLIP's context, and Stable Diffusion's: <start>, 75 tokens, <end>
+_BPE_MERGES = 49152 - 256 - 2  # how many merges CLIP's vocabulary of 49,408 holds
+
+
+def byte_alphabet() -> dict[int, str]:
+    """Each of the 256 byte values → a printable character, so that BPE can work on text.
+
+    Bytes that already print as themselves (!…~, ¡…¬, ®…ÿ) keep their character; the other 68
+    (space, control codes, …) take the characters from U+0100 on, in order. The table's order —
+    the printable bytes first — is the order of the first 256 tokens of the vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return table
+
+
+class BPETokenizer:
+    """CLIP's byte-pair-encoding tokenizer, as Stable Diffusion 1.x uses it.
+
+        "a photo of a cat"  →  [49406, 320, 1125, 539, 320, 2368, 49407, 49407, …]  (77 ids)
+
+    Text is cleaned as CLIP cleans it (ftfy's repairs if ftfy is installed, HTML entities
+    unescaped, runs of whitespace made one space, lower case) and split into words, single
+    digits, and runs of other marks; each piece's UTF-8 bytes are merged by `merges`. Sequences
+    are <|startoftext|>, at most 75 tokens (longer text is cut, with a warning), <|endoftext|>,
+    then padding with <|endoftext|> as Stable Diffusion 1.x pads (its tokenizer's pad token).
+    """
+
+    def __init__(self, merges: list[tuple[str, str]], max_length: int = BPE_MAX_LENGTH,
+                 vocab: dict[str, int] | None = None):
+        import regex  # Unicode classes \\p{L} (letters) and \\p{N} (numbers), which `re` lacks
+
+        alphabet = list(byte_alphabet().values())
+        tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BPE_START, BPE_END]
+        self.vocab = dict(vocab) if vocab is not None else {t: i for i, t in enumerate(tokens)}
+        missing = [t for t in tokens if t not in self.vocab]
+        if missing:
+            raise MinisdError(f"the vocabulary lacks {len(missing)} token(s) its merges make, e.g. {missing[:3]}")
+        self.ids_to_tokens = {i: t for t, i in self.vocab.items()}
+        self.rank = {pair: r for r, pair in enumerate(merges)}
+        self.byte_char = byte_alphabet()
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self.max_length = max_length
+        self.start_id, self.end_id = self.vocab[BPE_START], self.vocab[BPE_END]
+        self.pad_id = self.end_id
+        self._pieces = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|"
+                                     r"[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+        self._cache: dict[str, list[str]] = {}
+
+    # -- reading the files ----------------------------------------------------------------------
+    @classmethod
+    def from_merges_file(cls, path, max_length: int = BPE_MAX_LENGTH) -> BPETokenizer:
+        """CLIP's own merges file, `bpe_simple_vocab_16e6.txt(.gz)`: a header line, then one merge
+        per line; the vocabulary follows from the merges."""
+        import gzip
+
+        path = Path(path)
+        if not path.is_file():
+            raise MinisdError(f"merges file {str(path)!r} not found")
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        return cls(_read_merges(raw.decode("utf-8"), path), max_length)
+
+    @classmethod
+    def from_folder(cls, folder, max_length: int = BPE_MAX_LENGTH) -> BPETokenizer:
+        """A diffusers-format `tokenizer/` folder: `vocab.json` (token → id) and `merges.txt`."""
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise MinisdError(f"{str(folder / name)!r} not found; a tokenizer folder holds vocab.json and merges.txt")
+        try:
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MinisdError(f"{str(folder / 'vocab.json')!r} is not valid JSON ({e})") from None
+        merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8"), folder / "merges.txt")
+        return cls(merges, max_length, vocab)
+
+    # -- text → tokens --------------------------------------------------------------------------
+    def clean(self, text: str) -> str:
+        """CLIP's cleaning: ftfy's repairs (if installed), HTML entities unescaped twice, one space
+        for each run of whitespace, lower case."""
+        import html
+
+        try:
+            import ftfy
+
+            text = ftfy.fix_text(text)
+        except ImportError:  # ftfy repairs mojibake; without it such text tokenizes differently
+            pass
+        return " ".join(html.unescape(html.unescape(text)).split()).lower()
+
+    def merge(self, piece: str) -> list[str]:
+        """One piece (its bytes as `byte_alphabet` characters) → its BPE tokens: repeatedly merge
+        the adjacent pair with the best (lowest) rank, everywhere it occurs, until none is left."""
+        if piece in self._cache:
+            return self._cache[piece]
+        parts = [*piece[:-1], piece[-1] + "</w>"]
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.rank.get(pair, float("inf")))
+            if best not in self.rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self._cache[piece] = parts
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the text's tokens, without <|startoftext|>, <|endoftext|> or padding."""
+        ids = []
+        for piece in self._pieces.findall(self.clean(text)):
+            if piece in (BPE_START, BPE_END):  # written out in the text: the special token itself, as CLIP does
+                ids.append(self.vocab[piece])
+                continue
+            chars = "".join(self.byte_char[b] for b in piece.encode("utf-8"))
+            ids += [self.vocab[t] for t in self.merge(chars)]
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts → (ids (B, max_length) long, mask (B, max_length) bool: True up to <|endoftext|>)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(texts), self.max_length, dtype=torch.bool)
+        for row, text in enumerate(texts):
+            body = self.encode(text)
+            if len(body) > self.max_length - 2:
+                warnings.warn(f"prompt of {len(body)} tokens cut to {self.max_length - 2} "
+                              f"(max_length {self.max_length}): {text[:60]!r}", stacklevel=2)
+                body = body[: self.max_length - 2]
+            seq = [self.start_id, *body, self.end_id]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        return ids, mask
+
+    def decode(self, ids) -> str:
+        """Ids → text (special tokens dropped); "</w>" becomes a space."""
+        out = bytearray()
+        for i in map(int, ids):
+            if i in (self.start_id, self.end_id):
+                continue
+            token = self.ids_to_tokens[i]
+            out += bytes(self.char_byte[c] for c in token.removesuffix("</w>"))
+            if token.endswith("</w>"):
+                out += b" "
+        return out.decode("utf-8", errors="replace").strip()
+
+
+def _read_merges(text: str, where) -> list[tuple[str, str]]:
+    """The merges of a merges file: lines 2 … 48,895, each two tokens separated by a space."""
+    lines = text.split("\n")[1: _BPE_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    bad = next((n for n, m in enumerate(merges, start=2) if len(m) != 2), None)
+    if bad is not None:
+        raise MinisdError(f"{str(where)!r} line {bad} is not a merge (two tokens separated by a space)")
+    return merges
