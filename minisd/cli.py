@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from minisd.data import DATASETS
+from minisd.data import DATASETS, EMOJI_DATASETS
 from minisd.errors import MinisdError, check_choice
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -50,7 +50,7 @@ def cmd_data(args) -> None:
     n = len(ds)  # a folder may hold fewer than -n
     titles = [c if len(c) <= 60 else c[:59] + "…" for c in ds.captions]
     title = "Shapes" if ds.name == "shapes" else ds.name
-    seeded = ds.name == "shapes" or ds.name.startswith("emoji")  # drawn, not read from files
+    seeded = ds.name == "shapes" or ds.name in EMOJI_DATASETS  # drawn, not read from files
     suptitle = f"{title} ({ds.split} split" + (f", seed {args.seed})" if seeded else ")")
     fig = show_images(ds.images, titles, ncols=min(8, n), size=1.6, suptitle=suptitle)
     save_figure(fig, out)
@@ -68,7 +68,7 @@ def cmd_train(args) -> None:
                         data_root=args.root)
     if distributed.is_main():
         config = json.loads((Path(args.out) / "config.json").read_text())
-        measured = config.get("dataset") in ("shapes", "emoji", "emoji-ja", "emoji-both")  # `minisd eval` has a judge
+        measured = config.get("dataset") == "shapes" or config.get("dataset") in EMOJI_DATASETS  # `minisd eval` has a judge
         prompt = config.get("example_caption", "…")
         print(f"wrote {args.out} in {metrics['train']['total_wall_seconds']:.0f} s of training; "
               f"sample with `minisd sample --run {args.out} --prompt \"{prompt}\" --out grid.png`"

@@ -380,7 +380,8 @@ def toy_2d(name: str = "spiral", n: int = 10_000, seed: int = 0, noise: float = 
 
 
 # --- real datasets and the user's own captioned images ----------------------------------------
-DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "emoji", "emoji-ja", "emoji-both")
+EMOJI_DATASETS = {"emoji": "en", "emoji-ja": "ja", "emoji-both": "both"}  # name → caption language
+DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", *EMOJI_DATASETS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
 MNIST_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -476,7 +477,7 @@ def load_dataset(name: str, split: str = "train", root: str | Path = "data", ima
         ds = Shapes(split, num_images, image_size, seed)
         texts, ids = _index_texts(ds.captions)
         return CaptionedImages("shapes", split, ds.images, texts, ids, ds.labels)
-    if name in DATASETS and name.startswith("emoji"):
+    if name in EMOJI_DATASETS:
         from minisd.emojis import download_font, find_font, load_emoji
 
         if download:
@@ -484,7 +485,7 @@ def load_dataset(name: str, split: str = "train", root: str | Path = "data", ima
                 find_font(root)
             except MinisdError:
                 download_font(root)
-        return load_emoji(split, name.partition("-")[2] or "en", root, image_size, num_images, seed)
+        return load_emoji(split, EMOJI_DATASETS[name], root, image_size, num_images, seed)
     if name not in DATASETS:
         return _load_folder(Path(name), split, image_size, num_images, download)
     if split not in ("train", "test"):

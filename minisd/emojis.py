@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minisd.errors import MinisdError
+from minisd.metrics import JudgeNet
 
 LANGUAGES = ("en", "ja", "both")
 FONT_FILE = "NotoColorEmoji.ttf"
@@ -105,20 +106,19 @@ def _member_of_deb(package: bytes, member: str) -> bytes:
     raise MinisdError(f"the font package holds no {member}")
 
 
-def emoji_table(font: Path) -> tuple[list[str], list[str], list[str]]:
-    """(emoji, English names, Japanese names) of every one-code-point emoji the font draws, in the
-    `emoji` package's order."""
-    return _emoji_table(str(font))
+@lru_cache(maxsize=1)
+def _emoji_table() -> dict[str, tuple[str, str]]:
+    """Every fully-qualified one-code-point emoji of the `emoji` package → (English, Japanese) name,
+    in the package's order; which of them the font draws, `emoji_renders` finds out."""
+    emoji = _emoji_package()
+    return {e: (_name(d["en"]), _name(d["ja"])) for e, d in emoji.EMOJI_DATA.items()
+            if d["status"] == emoji.STATUS["fully_qualified"] and len(e.replace("\ufe0f", "")) == 1}
 
 
 @lru_cache(maxsize=4)
-def _emoji_table(font: str):
-    emoji = _emoji_package()
-    data = emoji.EMOJI_DATA
-    chars = [e for e, d in data.items()
-             if d["status"] == emoji.STATUS["fully_qualified"] and len(e.replace("\ufe0f", "")) == 1]
-    drawn = [e for e, rgba in zip(chars, _draw(font, chars)) if rgba is not None]
-    return drawn, [_name(data[e]["en"]) for e in drawn], [_name(data[e]["ja"]) for e in drawn]
+def font_digest(font: Path) -> str:
+    """The SHA-256 of a font file (it keys the render cache and the judge)."""
+    return hashlib.sha256(Path(font).read_bytes()).hexdigest()
 
 
 def _emoji_package():
@@ -161,28 +161,31 @@ def _draw(font: str, chars: list[str]) -> list[np.ndarray | None]:
 
 
 def emoji_renders(root: str | Path = "data") -> tuple[list[str], list[str], list[str], np.ndarray]:
-    """(emoji, English names, Japanese names, uint8 RGBA (K, BASE, BASE, 4)), cached in root/cache/."""
+    """(emoji, English names, Japanese names, uint8 RGBA (K, BASE, BASE, 4)) of every emoji of
+    `_emoji_table` that the font draws. Drawn once, then read from root/cache/ (keyed by the font
+    and the list of emoji, so a new font or a new `emoji` release draws afresh)."""
     font = find_font(root)
-    chars, en, ja = emoji_table(font)
-    digest = hashlib.sha256(font.read_bytes()).hexdigest()[:12]
-    cache = Path(root) / "cache" / f"emoji-{digest}-{BASE}.npz"
+    table = _emoji_table()
+    listed = hashlib.sha256("".join(table).encode()).hexdigest()[:8]
+    cache = Path(root) / "cache" / f"emoji-{font_digest(font)[:12]}-{listed}-{BASE}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
-            if z["chars"].tolist() == chars:
-                return chars, en, ja, z["rgba"]
-    rgba = np.stack(_draw(str(font), chars))
-    try:
-        from minisd.checkpoint import atomic_write
+            chars, rgba = z["chars"].tolist(), z["rgba"]
+    else:
+        drawn = [(e, d) for e, d in zip(table, _draw(str(font), list(table))) if d is not None]
+        chars, rgba = [e for e, _ in drawn], np.stack([d for _, d in drawn])
+        try:
+            from minisd.checkpoint import atomic_write
 
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        def write(tmp):
-            with open(tmp, "wb") as f:  # a file object: savez would add ".npz" to a bare path
-                np.savez_compressed(f, chars=np.array(chars), rgba=rgba)
+            def write(tmp):
+                with open(tmp, "wb") as f:  # a file object: savez would add ".npz" to a bare path
+                    np.savez_compressed(f, chars=np.array(chars), rgba=rgba)
 
-        atomic_write(cache, write)
-    except OSError:
-        pass  # a read-only data folder: render every time
-    return chars, en, ja, rgba
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache, write)
+        except OSError:
+            pass  # a read-only data folder: draw every time
+    return chars, [table[e][0] for e in chars], [table[e][1] for e in chars], rgba
 
 
 def load_emoji(split: str = "train", lang: str = "en", root: str | Path = "data", image_size: int = 32,
@@ -263,48 +266,22 @@ class EmojiJudgeConfig:
     per_emoji: int = 40  # training renders of each emoji
 
 
-class EmojiJudge(nn.Module):
-    """Images (N, 3, S, S), uint8 or floats in [0, 1] → logits over the emoji (N, num_emoji)."""
+class EmojiJudge(JudgeNet):
+    """Images (N, 3, S, S), uint8 or floats in [0, 1] → logits over the emoji (N, num_emoji); the
+    Shapes judge's conv net with one head. `read` gives each image's k most likely emoji, best
+    first (N, k)."""
+
+    config_class = EmojiJudgeConfig
 
     def __init__(self, config: EmojiJudgeConfig = EmojiJudgeConfig()):
-        super().__init__()
-        from minisd.metrics import judge_body
-
-        self.config = c = config
-        self.body = judge_body(c.width, c.image_size, c.feature_dim)  # the Shapes judge's conv net
-        self.head = nn.Linear(c.feature_dim, c.num_emoji)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim): what FID compares. Other sizes are averaged to the judge's first."""
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-1] != self.config.image_size:
-            x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="area")
-        return self.body(2 * x - 1)
+        super().__init__(config)
+        self.head = nn.Linear(config.feature_dim, config.num_emoji)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
-    @torch.no_grad()
-    def read(self, images: torch.Tensor, k: int = 5, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the k most likely emoji of each image, best first (N, k), features (N, feature_dim))."""
-        device = next(self.parameters()).device
-        tops, feats = [], []
-        for lo in range(0, len(images), batch_size):
-            h = self.features(images[lo: lo + batch_size].to(device))
-            feats.append(h.cpu())
-            tops.append(self.head(h).topk(k, dim=1).indices.cpu())
-        return torch.cat(tops), torch.cat(feats)
-
-    def save_pretrained(self, folder) -> None:
-        from minisd.checkpoint import save_module
-
-        save_module(self, asdict(self.config), folder)
-
-    @classmethod
-    def from_pretrained(cls, folder) -> EmojiJudge:
-        from minisd.checkpoint import load_module
-
-        return load_module(cls, EmojiJudgeConfig, folder)
+    def decide(self, h: torch.Tensor, k: int = 5) -> torch.Tensor:
+        return self.head(h).topk(k, dim=1).indices
 
 
 def train_emoji_judge(root: str | Path = "data", config: EmojiJudgeConfig | None = None, seed: int = 1000,
@@ -373,10 +350,9 @@ def load_emoji_judge(root: str | Path = "data", config: EmojiJudgeConfig | None 
     from minisd.checkpoint import atomic_write
     from minisd.metrics import cache_dir
 
-    font = find_font(root)
-    default = EmojiJudgeConfig(num_emoji=len(emoji_table(font)[0]))
+    digest = font_digest(find_font(root))
+    default = EmojiJudgeConfig(num_emoji=len(emoji_renders(root)[0]))
     config = config or default
-    digest = hashlib.sha256(font.read_bytes()).hexdigest()
     if config == default and digest == FONT_SHA256 and (SHIPPED_JUDGE / "accuracy.json").is_file():
         return (EmojiJudge.from_pretrained(SHIPPED_JUDGE).to(device).eval(),
                 json.loads((SHIPPED_JUDGE / "accuracy.json").read_text()))

@@ -220,18 +220,6 @@ class JudgeConfig:
     num_images: int = 24_000
 
 
-def judge_body(width: int, image_size: int, feature_dim: int) -> nn.Sequential:
-    """The judges' conv net: (N, 3, S, S) in [-1, 1] → features (N, feature_dim). Three stride-2
-    stages to S/8; the flattened map keeps where things are."""
-
-    def block(i, o, stride):
-        return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.GroupNorm(8, o), nn.SiLU()]
-
-    w = width
-    return nn.Sequential(*block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2),
-                         nn.Flatten(), nn.Linear(4 * w * (image_size // 8) ** 2, feature_dim), nn.SiLU())
-
-
 def blur_and_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A judge's training augmentation: a 3×3 box blur on half the images, and Gaussian noise of a
     random level up to 0.05 on all; images (N, 3, S, S) in [0, 1]. Draws on `generator`'s device."""
@@ -244,21 +232,30 @@ def blur_and_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         * torch.randn(x.shape, generator=generator, device=where).to(x.device)
 
 
-class Judge(nn.Module):
-    """Images (N, 3, S, S) in [0, 1] → one set of logits per attribute. A plain conv net; the
-    flattened 4×4 map keeps where things are, which the position head needs."""
+class JudgeNet(nn.Module):
+    """What the judges share: a plain conv net (three stride-2 stages to S/8, the flattened map
+    keeping where things are) from images to `config.feature_dim` features — what FID compares —
+    read in batches, and saved as a component. A subclass adds its heads and says, in `decide`,
+    what a batch of features is read as; `config_class` is its config's dataclass."""
 
-    def __init__(self, config: JudgeConfig = JudgeConfig()):
+    config_class: type
+
+    def __init__(self, config):
         super().__init__()
-        from minisd.data import VOCABULARY
-
         self.config = c = config
-        self.body = judge_body(c.width, c.image_size, c.feature_dim)
-        self.heads = nn.ModuleList(nn.Linear(c.feature_dim, len(v)) for v in VOCABULARY.values())
+
+        def block(i, o, stride):
+            return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.GroupNorm(8, o), nn.SiLU()]
+
+        w = c.width
+        self.body = nn.Sequential(*block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2),
+                                  *block(4 * w, 4 * w, 2), nn.Flatten(),
+                                  nn.Linear(4 * w * (c.image_size // 8) ** 2, c.feature_dim), nn.SiLU())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim): what FID compares. Images of another size (the `gpu` preset's 64×64)
-        are first averaged down to the judge's size, as a 32×32 render would look."""
+        """(N, feature_dim) from images (N, 3, S, S), uint8 or floats in [0, 1]. Images of another
+        size (the `gpu` preset's 64×64) are first averaged down to the judge's size, as a render at
+        that size would look."""
         from minisd.data import normalize
 
         x = normalize(images)
@@ -266,20 +263,19 @@ class Judge(nn.Module):
             x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="area")
         return self.body(x)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        h = self.features(images)
-        return [head(h) for head in self.heads]
+    def decide(self, h: torch.Tensor, **options) -> torch.Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
-    def read(self, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels (N, 4) as read, features (N, feature_dim))."""
+    def read(self, images: torch.Tensor, batch_size: int = 1000, **options) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what each image is read as, by `decide`; features (N, feature_dim))."""
         device = next(self.parameters()).device
-        labels, feats = [], []
+        reads, feats = [], []
         for lo in range(0, len(images), batch_size):
             h = self.features(images[lo: lo + batch_size].to(device))
             feats.append(h.cpu())
-            labels.append(torch.stack([head(h).argmax(1) for head in self.heads], 1).cpu())
-        return torch.cat(labels), torch.cat(feats)
+            reads.append(self.decide(h, **options).cpu())
+        return torch.cat(reads), torch.cat(feats)
 
     def save_pretrained(self, folder) -> None:
         from minisd.checkpoint import save_module
@@ -287,10 +283,30 @@ class Judge(nn.Module):
         save_module(self, asdict(self.config), folder)
 
     @classmethod
-    def from_pretrained(cls, folder) -> Judge:
+    def from_pretrained(cls, folder):
         from minisd.checkpoint import load_module
 
-        return load_module(cls, JudgeConfig, folder)
+        return load_module(cls, cls.config_class, folder)
+
+
+class Judge(JudgeNet):
+    """Shapes images (N, 3, S, S) in [0, 1] → one set of logits per attribute; `read` gives the
+    labels (N, 4) as read."""
+
+    config_class = JudgeConfig
+
+    def __init__(self, config: JudgeConfig = JudgeConfig()):
+        super().__init__(config)
+        from minisd.data import VOCABULARY
+
+        self.heads = nn.ModuleList(nn.Linear(config.feature_dim, len(v)) for v in VOCABULARY.values())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        h = self.features(images)
+        return [head(h) for head in self.heads]
+
+    def decide(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(h).argmax(1) for head in self.heads], 1)  # (N, 4)
 
 
 def train_judge(config: JudgeConfig = JudgeConfig(), seed: int = 1000, device: str = "auto",

@@ -261,7 +261,7 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
     whole model: prompt accuracy and FID read by the judge, for each of `EVAL_SAMPLERS`. A run
     trained on emoji is measured as a whole model by the emoji judge instead (`evaluate_emoji`).
     device: where the whole model samples and the judge reads ('auto': CUDA if present)."""
-    from minisd.data import SPLITS
+    from minisd.data import EMOJI_DATASETS, SPLITS
     from minisd.train import pick_device
 
     check_choice("split", split, SPLITS)
@@ -273,7 +273,7 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
     if not present:
         raise MinisdError(f"{str(run)!r} has no trained component (looked for {', '.join(s + '/' for s in STAGES)})")
     run_config = read_json(run / "config.json", missing={})
-    if run_config.get("dataset", "shapes") in ("emoji", "emoji-ja", "emoji-both"):
+    if run_config.get("dataset", "shapes") in EMOJI_DATASETS:
         return _evaluate_emoji_run(run, run_config, present, device, progress, log)
     if run_config.get("dataset", "shapes") != "shapes":
         raise MinisdError(f"{str(run)!r} was trained on {run_config['dataset']!r}; `minisd eval` measures Shapes and "
@@ -328,6 +328,7 @@ def evaluate_run(run, split: str = "test", log=print, progress: bool = True, dev
 def _evaluate_emoji_run(run: Path, run_config: dict, present: list[str], device: str, progress: bool, log) -> dict:
     """`evaluate_run` for a run trained on emoji: the whole model's prompt fidelity and FID, read by
     the emoji judge, with the prompts in each language the run was trained on."""
+    from minisd.data import EMOJI_DATASETS
     from minisd.emojis import evaluate_emoji, format_emoji_metrics, load_emoji_judge
     from minisd.pipeline import StableDiffusion
 
@@ -338,7 +339,8 @@ def _evaluate_emoji_run(run: Path, run_config: dict, present: list[str], device:
     judge, judge_acc = load_emoji_judge(root, device=device, progress=progress, log=log)
     log("judge on real renders: " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in judge_acc.items()))
     figures: dict[str, dict] = {"emoji_judge": judge_acc}
-    langs = {"emoji": ("en",), "emoji-ja": ("ja",), "emoji-both": ("en", "ja")}[run_config["dataset"]]
+    captions = EMOJI_DATASETS[run_config["dataset"]]
+    langs = ("en", "ja") if captions == "both" else (captions,)  # prompt in each language it was trained on
     for lang in langs:
         result = evaluate_emoji(sd, judge, root, lang=lang, guidance_scale=EVAL_GUIDANCE, progress=progress)
         figures[f"sd/emoji-{lang}"] = result
