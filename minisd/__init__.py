@@ -15,6 +15,7 @@ Modules, in course order:
     pipeline    StableDiffusion: text → latents → image; the U-Net stage    (chapter 7)
     runs        run folders: train components stage by stage, evaluate them  (chapters 5–7)
     checkpoint  safetensors + config.json, written atomically               (all saved models)
+    convert     Stable Diffusion 1.x/2.x weights (diffusers folders) → these classes  (chapter 10)
     viz, widgets  figures and ipywidgets explorers                           (all)
 """
 

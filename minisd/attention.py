@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minisd.errors import MinisdError
+from minisd.errors import MinisdError, check_choice
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -81,32 +81,66 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The transformer's position-wise MLP with a GEGLU gate, as in Stable Diffusion."""
+    """The transformer's position-wise MLP with a GEGLU gate, as in Stable Diffusion's U-Net
+    (Shazeer 2020): out(a · GELU(gate)), where a and gate are the two halves of proj(x)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, inner: int | None = None):
         super().__init__()
-        self.proj = nn.Linear(dim, dim * mult * 2)
-        self.out = nn.Linear(dim * mult, dim)
+        inner = dim * mult if inner is None else inner
+        self.proj = nn.Linear(dim, inner * 2)
+        self.out = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
         return self.out(a * F.gelu(gate))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · σ(1.702 x): OpenAI CLIP's cheap approximation of GELU (what SD 1.x's text encoder uses)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+FEED_FORWARDS = ("geglu", *ACTIVATIONS)  # "geglu": the gated FeedForward; otherwise an MLP with that activation
+
+
+class MLP(nn.Module):
+    """The plain feed-forward of CLIP's text tower: fc1 → activation → fc2. x: (B, L, dim) → same."""
+
+    def __init__(self, dim: int, inner: int, activation: str = "gelu"):
+        super().__init__()
+        check_choice("activation", activation, ACTIVATIONS)
+        self.fc1, self.fc2 = nn.Linear(dim, inner), nn.Linear(inner, dim)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class TransformerBlock(nn.Module):
     """Self-attention → cross attention → feed-forward, each with a LayerNorm before it and a
     residual around it. Without a `context_dim` the cross-attention layer is left out.
     x: (B, L, dim), context: (B, Lk, context_dim); `self_mask` (bool, broadcastable to
-    (B, heads, L, L)) limits what the self-attention may see, e.g. a causal mask."""
+    (B, heads, L, L)) limits what the self-attention may see, e.g. a causal mask.
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, fused: bool = False):
+    The defaults are Stable Diffusion's U-Net block. CLIP's text tower differs in three places:
+    `feed_forward` "quick_gelu" or "gelu" (a plain MLP of width `ff_dim`, default 4·dim, instead
+    of the GEGLU gate) and `qkv_bias=True`; `norm_eps` is the LayerNorms' ε."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, fused: bool = False, *,
+                 feed_forward: str = "geglu", ff_dim: int | None = None, qkv_bias: bool = False,
+                 norm_eps: float = 1e-5):
         super().__init__()
-        self.norm1, self.attn1 = nn.LayerNorm(dim), MultiHeadAttention(dim, heads, fused=fused)
+        check_choice("feed_forward", feed_forward, FEED_FORWARDS)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn1 = MultiHeadAttention(dim, heads, qkv_bias=qkv_bias, fused=fused)
         self.attn2 = None
         if context_dim is not None:
-            self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = MultiHeadAttention(dim, heads, context_dim=context_dim, fused=fused)
-        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+            self.attn2 = MultiHeadAttention(dim, heads, context_dim=context_dim, qkv_bias=qkv_bias, fused=fused)
+        self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
+        ff_dim = 4 * dim if ff_dim is None else ff_dim
+        self.ff = FeedForward(dim, inner=ff_dim) if feed_forward == "geglu" else MLP(dim, ff_dim, feed_forward)
 
     def forward(self, x, context=None, context_mask=None, self_mask=None):
         x = x + self.attn1(self.norm1(x), attn_mask=self_mask)  # every position looks at every other
@@ -117,25 +151,40 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+PROJECTIONS = ("conv", "linear")
+
+
 class SpatialTransformer(nn.Module):
     """A transformer over a feature map, the block Stable Diffusion inserts in its U-Net:
     GroupNorm → 1×1 conv → flatten pixels to a sequence → TransformerBlock → back → 1×1 conv,
-    with a residual around it all. x: (B, C, H, W) → (B, C, H, W)."""
+    with a residual around it all. x: (B, C, H, W) → (B, C, H, W).
+
+    projection="linear" (SD 2.x) flattens first and uses Linear layers on the sequence for the
+    two projections; a 1×1 conv is the same map, so only the weights' shape differs.
+    `norm_eps` is the GroupNorm's ε (Stable Diffusion: 1e-6)."""
 
     def __init__(self, channels: int, heads: int, context_dim: int | None = None,
-                 groups: int = 8, fused: bool = False):
+                 groups: int = 8, fused: bool = False, *, projection: str = "conv", norm_eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        check_choice("projection", projection, PROJECTIONS)
+        self.norm = nn.GroupNorm(groups, channels, eps=norm_eps)
+        self.linear = projection == "linear"
+        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
         self.block = TransformerBlock(channels, heads, context_dim, fused)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = proj()
 
     def forward(self, x, context=None, context_mask=None):
         B, C, H, W = x.shape
-        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # (B, HW, C): one token per pixel
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(rearrange(h, "b c h w -> b (h w) c"))  # (B, HW, C): one token per pixel
+        else:
+            h = rearrange(self.proj_in(h), "b c h w -> b (h w) c")  # (B, HW, C): one token per pixel
         h = self.block(h, context, context_mask)
-        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
-        return x + self.proj_out(h)
+        if self.linear:
+            return x + rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)
+        return x + self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=H, w=W))
 
 
 def set_attention_options(model: nn.Module, *, fused: bool | None = None,

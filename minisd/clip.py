@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minisd.attention import TransformerBlock
+from minisd.attention import FEED_FORWARDS, TransformerBlock
 from minisd.captions import LABEL_COUNTS, mention_code, mixed_radix
 from minisd.errors import MinisdError, cheap_to_read, check_choice
 
@@ -41,12 +41,27 @@ class TextEncoderConfig:
     layers: int = 2
     heads: int = 4
     causal: bool = True  # as in CLIP: each token sees only the tokens before it
+    # Options that CLIP's own text tower needs (minisd.convert sets them; the defaults are minisd's own):
+    feed_forward: str = "geglu"  # "geglu" (gated, as in the U-Net), or a plain MLP with CLIP's
+    #                              "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
+    ff_dim: int | None = None  # hidden width of the feed-forward; None: 4 · width
+    qkv_bias: bool = False  # biases on the attention's q, k, v projections (CLIP: True)
+    norm_eps: float = 1e-5  # LayerNorm ε
+    clip_skip: int = 0  # read the states this many blocks before the last, through the final LayerNorm
+    #                     (diffusers' clip_skip; 1 = the penultimate block). The skipped blocks are kept
+    #                     (their weights load) but not run.
 
     def __post_init__(self):
         if min(self.vocab_size, self.max_length, self.width, self.layers, self.heads) < 1:
             raise MinisdError(f"text encoder sizes must be ≥ 1, got {self}")
         if self.width % self.heads:
             raise MinisdError(f"text width {self.width} is not divisible by heads {self.heads}")
+        check_choice("feed_forward", self.feed_forward, FEED_FORWARDS)
+        if self.ff_dim is not None and self.ff_dim < 1:
+            raise MinisdError(f"ff_dim must be ≥ 1 or None, got {self.ff_dim}")
+        if not 0 <= self.clip_skip < self.layers:
+            raise MinisdError(f"clip_skip {self.clip_skip} is not allowed with {self.layers} layers; "
+                              f"use 0 … {self.layers - 1}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +134,10 @@ class TextEncoder(nn.Module):
         self.config = c = config
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
         self.position_embedding = nn.Parameter(torch.randn(c.max_length, c.width) * 0.01)
-        self.blocks = nn.ModuleList(TransformerBlock(c.width, c.heads) for _ in range(c.layers))
-        self.final_norm = nn.LayerNorm(c.width)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.width, c.heads, feed_forward=c.feed_forward, ff_dim=c.ff_dim,
+                             qkv_bias=c.qkv_bias, norm_eps=c.norm_eps) for _ in range(c.layers))
+        self.final_norm = nn.LayerNorm(c.width, eps=c.norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextOutput:
@@ -131,7 +148,7 @@ class TextEncoder(nn.Module):
             check_token_ids(ids, self.config.vocab_size)
         x = self.token_embedding(ids) + self.position_embedding[:L]  # (B, L, width)
         self_mask = causal_mask(L, ids.device) if self.config.causal else mask[:, None, None, :]
-        for block in self.blocks:
+        for block in self.blocks[:len(self.blocks) - self.config.clip_skip]:
             x = block(x, self_mask=self_mask)
         x = self.final_norm(x)
         end = mask.long().sum(1) - 1  # index of <end>: the last real token

@@ -43,7 +43,8 @@ class TimeMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embed_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) → (B, out_dim)
-        return self.mlp(timestep_embedding(t, self.embed_dim))
+        emb = timestep_embedding(t, self.embed_dim)  # float32; cast for float16 or bfloat16 weights
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class MLPDenoiser(nn.Module):

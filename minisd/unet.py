@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisd.attention import SpatialTransformer
+from minisd.attention import PROJECTIONS, SpatialTransformer
 from minisd.denoisers import TimeMLP, timestep_embedding  # noqa: F401  (the embedding lives with chapter 2)
-from minisd.errors import MinisdError
+from minisd.errors import MinisdError, check_choice
 
 
 @dataclass(frozen=True)
@@ -32,25 +32,37 @@ class UNetConfig:
     channel_mults: tuple[int, ...] = (1, 2, 2)  # one per level; level i has base · mult[i] channels
     blocks_per_level: int = 2
     attention_levels: tuple[int, ...] = (1,)  # levels (0 = full resolution) with a transformer block
-    heads: int = 4
+    heads: int | tuple[int, ...] = 4  # attention heads; a tuple gives one per level (the middle uses the last)
     context_dim: int | None = None  # set to condition on text tokens through cross attention
     extra_in_channels: int = 0  # set to condition by concatenating maps to the input
     skip_connections: bool = True  # False only for the ablation: the skips then carry zeros
     norm_groups: int = 8
     fused_attention: bool = False
+    # Options that Stable Diffusion's U-Net needs (minisd.convert sets them; the defaults are minisd's own):
+    projection: str = "conv"  # transformer proj_in/proj_out: "conv" (1×1 convs, SD 1.x) or "linear" (SD 2.x)
+    norm_eps: float = 1e-5  # GroupNorm ε of the residual blocks and the output
+    attention_norm_eps: float = 1e-5  # GroupNorm ε at the entry of each transformer block (SD: 1e-6)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        if not isinstance(self.heads, int):  # a list, as read back from config.json
+            object.__setattr__(self, "heads", tuple(self.heads))
         if not self.channel_mults or self.blocks_per_level < 1:
             raise MinisdError("a U-Net needs at least one level and one block per level")
-        for mult in self.channel_mults:
-            c = self.base_channels * mult
+        check_choice("projection", self.projection, PROJECTIONS)
+        if isinstance(self.heads, tuple) and len(self.heads) != len(self.channel_mults):
+            raise MinisdError(f"heads {self.heads} must give one count per level ({len(self.channel_mults)} "
+                              f"levels), or be one integer for all")
+        for level, mult in enumerate(self.channel_mults):
+            c, heads = self.base_channels * mult, self.level_heads(level)
             if c % self.norm_groups:
                 raise MinisdError(f"channel count {c} (base_channels {self.base_channels} × {mult}) is not "
                                   f"divisible by norm_groups {self.norm_groups}; use a multiple of {self.norm_groups}")
-            if self.attention_levels and c % self.heads:
-                raise MinisdError(f"channel count {c} is not divisible by heads {self.heads}")
+            if heads < 1:
+                raise MinisdError(f"heads must be ≥ 1, got {self.heads}")
+            if self.attention_levels and c % heads:
+                raise MinisdError(f"channel count {c} is not divisible by heads {heads}")
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mults)]
         if bad:
             raise MinisdError(f"attention level {bad[0]} does not exist; levels are 0 … {len(self.channel_mults) - 1}")
@@ -59,18 +71,22 @@ class UNetConfig:
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channel_mults) - 1)
 
+    def level_heads(self, level: int) -> int:
+        """The number of attention heads at `level` (−1: the deepest, which the middle block uses)."""
+        return self.heads if isinstance(self.heads, int) else self.heads[level]
+
 
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv, + timestep, GroupNorm → SiLU → conv, with a residual (1×1 conv when
     the channel count changes). x: (B, C_in, H, W), temb: (B, T) → (B, C_out, H, W).
-    With time_dim=None there is no timestep (the VAE's block)."""
+    With time_dim=None there is no timestep (the VAE's block). `eps` is the GroupNorms' ε."""
 
-    def __init__(self, c_in: int, c_out: int, time_dim: int | None, groups: int):
+    def __init__(self, c_in: int, c_out: int, time_dim: int | None, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in, eps=eps), nn.Conv2d(c_in, c_out, 3, padding=1)
         if time_dim is not None:
             self.time = nn.Linear(time_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, c_out, eps=eps), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, temb=None):
@@ -102,14 +118,15 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """The residual blocks of one resolution, each optionally followed by a transformer block."""
 
-    def __init__(self, c_ins: list[int], c_out: int, config: UNetConfig, time_dim: int, attend: bool):
+    def __init__(self, c_ins: list[int], c_out: int, config: UNetConfig, time_dim: int, attend: bool, heads: int):
         super().__init__()
-        g = config.norm_groups
-        self.res = nn.ModuleList(ResBlock(c, c_out, time_dim, g) for c in c_ins)
-        self.attn = nn.ModuleList(
-            SpatialTransformer(c_out, config.heads, config.context_dim, g, config.fused_attention)
-            if attend else nn.Identity() for _ in c_ins
-        )
+        self.res = nn.ModuleList(ResBlock(c, c_out, time_dim, config.norm_groups, config.norm_eps) for c in c_ins)
+        self.attn = nn.ModuleList(transformer(c_out, heads, config) if attend else nn.Identity() for _ in c_ins)
+
+
+def transformer(channels: int, heads: int, c: UNetConfig) -> SpatialTransformer:
+    return SpatialTransformer(channels, heads, c.context_dim, c.norm_groups, c.fused_attention,
+                              projection=c.projection, norm_eps=c.attention_norm_eps)
 
 
 class UNet(nn.Module):
@@ -130,7 +147,7 @@ class UNet(nn.Module):
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         for i, c_out in enumerate(chans):
             ins = [ch] + [c_out] * (c.blocks_per_level - 1)
-            self.down.append(Level(ins, c_out, c, time_dim, i in c.attention_levels))
+            self.down.append(Level(ins, c_out, c, time_dim, i in c.attention_levels, c.level_heads(i)))
             skip_chans += [c_out] * c.blocks_per_level
             ch = c_out
             last = i == len(chans) - 1
@@ -138,9 +155,9 @@ class UNet(nn.Module):
             if not last:
                 skip_chans.append(ch)
 
-        self.mid1 = ResBlock(ch, ch, time_dim, c.norm_groups)
-        self.mid_attn = SpatialTransformer(ch, c.heads, c.context_dim, c.norm_groups, c.fused_attention)
-        self.mid2 = ResBlock(ch, ch, time_dim, c.norm_groups)
+        self.mid1 = ResBlock(ch, ch, time_dim, c.norm_groups, c.norm_eps)
+        self.mid_attn = transformer(ch, c.level_heads(-1), c)
+        self.mid2 = ResBlock(ch, ch, time_dim, c.norm_groups, c.norm_eps)
 
         # Up path: each block takes its input concatenated with one skip, so it has one more block.
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
@@ -150,11 +167,11 @@ class UNet(nn.Module):
             for _ in range(c.blocks_per_level + 1):
                 ins.append(ch + skip_chans.pop())
                 ch = c_out
-            self.up.append(Level(ins, c_out, c, time_dim, i in c.attention_levels))
+            self.up.append(Level(ins, c_out, c, time_dim, i in c.attention_levels, c.level_heads(i)))
             self.upsample.append(Upsample(ch) if i > 0 else nn.Identity())
         assert not skip_chans, "every skip must be consumed"
 
-        self.norm_out = nn.GroupNorm(c.norm_groups, ch)
+        self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
 
     def forward(self, x, t, context=None, context_mask=None, extra=None):

@@ -26,8 +26,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
+from minisd.attention import MultiHeadAttention
 from minisd.distributed import rows
 from minisd.errors import MinisdError, cheap_to_read, check_choice
 from minisd.metrics import count_regions, nearest_colour
@@ -45,12 +47,24 @@ class VAEConfig:
     scale_factor: float = 1.0  # latents × scale_factor have unit variance; set by `with_scale_factor`
     logvar_min: float = -30.0  # log σ² is clamped to this range, as in Stable Diffusion's VAE
     logvar_max: float = 20.0
+    # Options that Stable Diffusion's VAE needs (minisd.convert sets them; the defaults are minisd's own):
+    decoder_blocks_per_level: int | None = None  # None: as blocks_per_level (SD's decoder has one more)
+    middle: str = "res"  # the block at the lowest resolution: "res" (one residual block) or
+    #                      "res-attn-res" (SD: residual block, single-head attention over pixels, residual block)
+    downsample_padding: str = "both"  # the stride-2 convs' zero padding: one pixel on "both" sides, or
+    #                                   only "after" (right and bottom), as SD's VAE pads
+    quant_conv: bool = False  # SD's 1×1 convs: quant_conv on (mean, log σ²), post_quant_conv on z
+    norm_eps: float = 1e-5  # GroupNorm ε everywhere (SD: 1e-6)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         for name in ("in_channels", "latent_channels", "blocks_per_level", "norm_groups"):
             if getattr(self, name) < 1:
                 raise MinisdError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.decoder_blocks_per_level is not None and self.decoder_blocks_per_level < 1:
+            raise MinisdError(f"decoder_blocks_per_level must be ≥ 1 or None, got {self.decoder_blocks_per_level}")
+        check_choice("middle", self.middle, MIDDLES)
+        check_choice("downsample_padding", self.downsample_padding, ("both", "after"))
         if not self.channels:
             raise MinisdError("channels must list at least one level, e.g. (16, 32, 64)")
         for c in self.channels:
@@ -65,6 +79,14 @@ class VAEConfig:
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
+
+    @property
+    def decoder_blocks(self) -> int:
+        """Residual blocks per level in the decoder."""
+        return self.blocks_per_level if self.decoder_blocks_per_level is None else self.decoder_blocks_per_level
+
+
+MIDDLES = ("res", "res-attn-res")
 
 
 def check_beta(beta: float) -> float:
@@ -129,6 +151,42 @@ class VAEOutput(NamedTuple):
     latents: torch.Tensor  # (B, latent_channels, H/f, W/f): the sample that was decoded (unscaled)
 
 
+class HalvingConv(nn.Conv2d):
+    """A 3×3 stride-2 conv: (B, C, H, W) → (B, C, H/2, W/2). pad="both": one pixel of zeros on
+    every side; pad="after": one on the right and bottom only, as Stable Diffusion's VAE does
+    (the same output size; each output reads the 3×3 window one input pixel further right and down)."""
+
+    def __init__(self, c: int, pad: str = "both"):
+        super().__init__(c, c, 3, stride=2, padding=1 if pad == "both" else 0)
+        self.pad_after = pad == "after"
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)) if self.pad_after else x)
+
+
+class PixelAttention(nn.Module):
+    """Self-attention over the pixels of a feature map with one head and a residual, as in the
+    middle of Stable Diffusion's VAE: GroupNorm → attention → + x. x: (B, C, H, W) → same."""
+
+    def __init__(self, c: int, groups: int, eps: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=eps)
+        self.attn = MultiHeadAttention(c, heads=1, qkv_bias=True)
+
+    def forward(self, x):
+        h = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C)
+        return x + rearrange(self.attn(h), "b (h w) c -> b c h w", h=x.shape[2], w=x.shape[3])
+
+
+def middle(c: VAEConfig, channels: int) -> list[nn.Module]:
+    """The block at the lowest resolution, between encoder levels and conv_out (and the decoder's mirror)."""
+    res = [ResBlock(channels, channels, None, c.norm_groups, c.norm_eps)]
+    if c.middle == "res":
+        return res
+    return res + [PixelAttention(channels, c.norm_groups, c.norm_eps),
+                  ResBlock(channels, channels, None, c.norm_groups, c.norm_eps)]
+
+
 class Encoder(nn.Module):
     """x (B, in, H, W) → (B, 2·latent, H/f, W/f): mean and log σ² stacked (B, latent, …) for a plain
     autoencoder. Each level: residual blocks, then a stride-2 conv (not after the last level)."""
@@ -140,13 +198,13 @@ class Encoder(nn.Module):
         layers, prev = [], ch[0]
         for i, width in enumerate(ch):
             for _ in range(c.blocks_per_level):
-                layers.append(ResBlock(prev, width, None, c.norm_groups))
+                layers.append(ResBlock(prev, width, None, c.norm_groups, c.norm_eps))
                 prev = width
             if i < len(ch) - 1:
-                layers.append(nn.Conv2d(prev, prev, 3, stride=2, padding=1))  # (B, C, H, W) → (B, C, H/2, W/2)
-        layers.append(ResBlock(prev, prev, None, c.norm_groups))  # the middle block, at the lowest resolution
+                layers.append(HalvingConv(prev, c.downsample_padding))  # (B, C, H, W) → (B, C, H/2, W/2)
+        layers += middle(c, prev)  # at the lowest resolution
         self.body = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(c.norm_groups, prev)
+        self.norm_out = nn.GroupNorm(c.norm_groups, prev, eps=c.norm_eps)
         out = 2 * c.latent_channels if c.variational else c.latent_channels
         self.conv_out = nn.Conv2d(prev, out, 3, padding=1)
 
@@ -162,15 +220,15 @@ class Decoder(nn.Module):
         super().__init__()
         ch = c.channels[::-1]
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
-        layers, prev = [ResBlock(ch[0], ch[0], None, c.norm_groups)], ch[0]  # the middle block
+        layers, prev = middle(c, ch[0]), ch[0]  # the middle block
         for i, width in enumerate(ch):
-            for _ in range(c.blocks_per_level):
-                layers.append(ResBlock(prev, width, None, c.norm_groups))
+            for _ in range(c.decoder_blocks):
+                layers.append(ResBlock(prev, width, None, c.norm_groups, c.norm_eps))
                 prev = width
             if i < len(ch) - 1:
                 layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(prev, prev, 3, padding=1)]
         self.body = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(c.norm_groups, prev)
+        self.norm_out = nn.GroupNorm(c.norm_groups, prev, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(prev, c.in_channels, 3, padding=1)
 
     def forward(self, z):
@@ -188,6 +246,10 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         self.encoder, self.decoder = Encoder(config), Decoder(config)
+        if config.quant_conv:  # 1×1 convs that mix the latent channels, before sampling and before decoding
+            moments = 2 * config.latent_channels if config.variational else config.latent_channels
+            self.quant_conv = nn.Conv2d(moments, moments, 1)
+            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """(latent_channels, h, w) of the latents of a square image of side `image_size`."""
@@ -211,6 +273,8 @@ class VAE(nn.Module):
         c = self.config
         self._check(x, "image batch", c.in_channels, c.downsampling_factor)
         h = self.encoder(x)
+        if c.quant_conv:
+            h = self.quant_conv(h)
         if not c.variational:
             return DiagonalGaussian(h, None)
         mean, logvar = h.chunk(2, dim=1)  # (B, latent, h, w) each
@@ -219,7 +283,7 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents z (B, latent_channels, h, w) → images (B, in_channels, h·f, w·f), ≈ [-1, 1], not clamped."""
         self._check(z, "latent batch", self.config.latent_channels, 1)
-        return self.decoder(z)
+        return self.decoder(self.post_quant_conv(z) if self.config.quant_conv else z)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
         posterior = self.encode(x)
