@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     from minisd.pipeline import SAMPLER_NAMES
 
     s = sub.add_parser("sample", help="generate images from a trained run and save a captioned grid")
-    s.add_argument("--run", required=True, help="run folder written by `minisd train`")
+    s.add_argument("--run", required=True,
+                   help="run folder written by `minisd train`, or a diffusers Stable Diffusion 1.x/2.x folder")
     s.add_argument("--prompt", required=True, action="append",
                    help='what to draw, e.g. "a large red circle in the center" (repeat for several prompts)')
     s.add_argument("--out", required=True, help="image file to write (.png, .jpg, .pdf, .svg)")

@@ -13,7 +13,8 @@ what differs is only the *names* of the tensors. Loading a component takes three
     text_encoder = load_text_encoder("stable-diffusion-v1-5/text_encoder")  # → minisd.clip.TextEncoder
 
 Weights are read from safetensors only, never from pickles (`.bin`, `.ckpt`), so loading a
-downloaded file cannot run code.
+downloaded file cannot run code. `load_stable_diffusion` loads a whole Stable Diffusion folder
+(the three models, the tokenizer and the scheduler's noise schedule) as minisd's `StableDiffusion`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from minisd.clip import TextEncoder, TextEncoderConfig
+from minisd.diffusion import NoiseSchedule
 from minisd.errors import MinisdError
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
@@ -401,3 +403,86 @@ def load_text_encoder(folder, dtype: torch.dtype = torch.float32, device="cpu", 
     config = text_encoder_config_from_transformers(raw, clip_skip)
     tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
     return _build(TextEncoder, config, tensors, TEXT_RULES, weights, dtype, device, TEXT_IGNORED)
+
+
+# --- a whole Stable Diffusion folder -------------------------------------------------------------
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+BETA_SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+SCHEDULER_SUPPORTED = {  # scheduler_config.json options with the only values minisd implements
+    "trained_betas": [None], "thresholding": [False], "rescale_betas_zero_snr": [False],
+    "timestep_spacing": ["leading"], "prediction_type": ["epsilon", "v_prediction", "sample"],
+}
+
+
+def schedule_from_diffusers(config: dict) -> tuple[NoiseSchedule, dict]:
+    """A diffusers `scheduler_config.json` (as a dict) → (the `NoiseSchedule`, the pipeline options
+    it sets: prediction_type, steps_offset, set_alpha_to_one). The scheduler class it names is
+    not used (SD 1.5's is PNDM): minisd samples with its own samplers, chosen by name, on this
+    schedule and with these settings.
+
+    steps_offset is 1 whatever the file says: diffusers' `StableDiffusionPipeline` replaces any
+    other value as an outdated config, and all SD folders have 1. set_alpha_to_one is read (SD's
+    configs say False; a missing key means DDIM's default, True). clip_sample is ignored, as the
+    pipeline turns it off too."""
+    for key, values in SCHEDULER_SUPPORTED.items():
+        value = config.get(key, values[0])
+        if value not in values:
+            raise MinisdError(f"this scheduler has {key}={value!r}, which minisd does not implement; "
+                              f"supported: {', '.join(repr(v) for v in values)}")
+    name = config.get("beta_schedule", "linear")
+    if name not in BETA_SCHEDULE_NAMES:
+        raise MinisdError(f"this scheduler has beta_schedule={name!r}, which minisd does not implement; "
+                          f"supported: {', '.join(map(repr, BETA_SCHEDULE_NAMES))}")
+    schedule = NoiseSchedule(config.get("num_train_timesteps", 1000), BETA_SCHEDULE_NAMES[name],
+                             config.get("beta_start", 0.0001), config.get("beta_end", 0.02))
+    options = {"prediction_type": config.get("prediction_type", "epsilon"), "steps_offset": 1,
+               "set_alpha_to_one": bool(config.get("set_alpha_to_one", True))}
+    return schedule, options
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinisdError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MinisdError(f"{path} does not hold a JSON object")
+    return data
+
+
+def load_stable_diffusion(folder, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None):
+    """A diffusers-format Stable Diffusion 1.x/2.x folder (model_index.json, unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/) → minisd's `StableDiffusion`, set up to compute what
+    diffusers' `StableDiffusionPipeline` computes: the folder's noise schedule and prediction
+    type, SD's DDIM timesteps (see `schedule_from_diffusers`), the U-Net reading every context
+    position (mask_padding=False), images of side unet sample_size × the VAE's down-sampling.
+    Usually reached through `StableDiffusion.from_pretrained(folder)`."""
+    from minisd.pipeline import StableDiffusion
+    from minisd.tokenizer import BPETokenizer
+
+    folder = Path(folder)
+    index = _read_json_object(folder / "model_index.json")
+    kind = index.get("_class_name")
+    if kind != "StableDiffusionPipeline":
+        raise MinisdError(f"{folder / 'model_index.json'} describes a {kind!r}; minisd loads "
+                          f"'StableDiffusionPipeline' folders (Stable Diffusion 1.x and 2.x, text to image)")
+    unlisted = [name for name in SD_COMPONENTS if not index.get(name)]
+    absent = [f"{name}/" for name in SD_COMPONENTS if not (folder / name).is_dir()]
+    if unlisted or absent:
+        parts = ([f"model_index.json lists no {', '.join(unlisted)}"] if unlisted else []) + \
+                ([f"the folder has no {', '.join(absent)}"] if absent else [])
+        raise MinisdError(f"{str(folder)!r} is not a complete Stable Diffusion folder: {'; '.join(parts)}")
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        raise MinisdError(f"{folder / 'scheduler' / 'scheduler_config.json'} not found")
+    schedule, options = schedule_from_diffusers(_read_json_object(folder / "scheduler" / "scheduler_config.json"))
+    unet = load_unet(folder / "unet", dtype, device, variant)
+    vae = load_vae(folder / "vae", dtype, device, variant)
+    text_encoder = load_text_encoder(folder / "text_encoder", dtype, device, variant=variant)
+    tokenizer = BPETokenizer.from_folder(folder / "tokenizer")
+    sample_size = _read_json_object(folder / "unet" / "config.json").get("sample_size")
+    if not isinstance(sample_size, int):
+        raise MinisdError(f"{folder / 'unet' / 'config.json'} gives no integer sample_size (the latent side), "
+                          f"got {sample_size!r}")
+    image_size = sample_size * vae.config.downsampling_factor
+    return StableDiffusion(vae, text_encoder, tokenizer, unet, schedule, image_size, mask_padding=False, **options)

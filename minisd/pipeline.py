@@ -11,7 +11,12 @@ unconditional prediction,
     ε̂ = ε̂(z_t, "") + w · (ε̂(z_t, text) − ε̂(z_t, "")),
 
 so w = 1 is the plain conditional model, w = 0 the unconditional one, and w > 1 trades
-diversity for fidelity to the prompt.
+diversity for fidelity to the prompt. A negative prompt takes the place of "": the sample is
+pushed away from what it describes.
+
+`StableDiffusion.from_pretrained` also reads a diffusers-format Stable Diffusion 1.x/2.x folder
+(`model_index.json`, unet/, vae/, text_encoder/, tokenizer/, scheduler/) through `minisd.convert`,
+and then gives the images of diffusers' `StableDiffusionPipeline` for the same starting latents.
 
 Training the U-Net (`train_unet`): every training image is encoded to latents once (cached), the
 text tower stays frozen, and the U-Net learns ε on the latents with fresh (paraphrased,
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minisd.diffusion import STANDARD_BETAS, NoiseSchedule
+from minisd.diffusion import PREDICTION_TYPES, STANDARD_BETAS, NoiseSchedule
 from minisd.distributed import rows
 from minisd.errors import MinisdError, check_choice, check_count
 from minisd.samplers import SAMPLERS
@@ -209,6 +214,8 @@ def train_unet(preset: str, vae, text_encoder, tokenizer, *, latents: torch.Tens
 # --- the pipeline ----------------------------------------------------------------------------
 
 SAMPLER_NAMES = tuple(SAMPLERS)  # ddpm, ddim, dpmsolver++
+# `StableDiffusion` options saved in a run's config.json (see the class's docstring)
+PIPELINE_OPTIONS = ("prediction_type", "mask_padding", "steps_offset", "set_alpha_to_one")
 # Models shipped with the course, loadable by name (see minisd/pretrained/README.md).
 PRETRAINED = {"shapes-cpu": Path(__file__).resolve().parent / "pretrained" / "shapes-cpu"}
 
@@ -251,10 +258,20 @@ class StableDiffusion:
         sd = StableDiffusion.from_pretrained("runs/cpu")
         res = sd("a small red circle in the top left", num_images=4, guidance_scale=4.0, seed=0)
         res.images   # (4, 3, 32, 32) in [0, 1]
+
+    Options that a Stable Diffusion folder sets differently from minisd's own runs (all saved in
+    the run's config.json):
+        prediction_type: what the U-Net outputs, 'epsilon' (minisd, SD 1.x, SD 2.x base) or
+            'v_prediction' (SD 2.x at 768 px); the samplers turn either into a step.
+        mask_padding: True (minisd) hides the padding tokens from the U-Net's cross attention;
+            Stable Diffusion attends to all 77 positions, padding included (False).
+        steps_offset, set_alpha_to_one: DDIM's (and, for steps_offset, DDPM's) timestep settings,
+            see `minisd.samplers.DDIMSampler`; minisd's runs use 0 and True, SD folders 1 and False.
     """
 
     def __init__(self, vae, text_encoder, tokenizer, unet: UNet, schedule: NoiseSchedule | None = None,
-                 image_size: int = 32):
+                 image_size: int = 32, prediction_type: str = "epsilon", mask_padding: bool = True,
+                 steps_offset: int = 0, set_alpha_to_one: bool = True):
         c = unet.config
         if c.in_channels != vae.config.latent_channels or c.out_channels != vae.config.latent_channels:
             raise MinisdError(f"the U-Net takes {c.in_channels} channels but the VAE's latents have "
@@ -269,14 +286,23 @@ class StableDiffusion:
         if image_size % (vae.config.downsampling_factor * c.downsampling_factor):
             raise MinisdError(f"image size {image_size} does not fit the VAE and U-Net down-sampling")
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae.eval(), text_encoder.eval(), tokenizer, unet.eval()
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if not isinstance(mask_padding, bool) or not isinstance(set_alpha_to_one, bool):
+            raise MinisdError(f"mask_padding and set_alpha_to_one must be True or False, got {mask_padding!r} "
+                              f"and {set_alpha_to_one!r}")
         self.schedule = schedule or NoiseSchedule(**SCHEDULE)
         self.image_size = image_size
+        self.prediction_type, self.mask_padding = prediction_type, mask_padding
+        self.steps_offset, self.set_alpha_to_one = check_count("steps_offset", steps_offset, 0), set_alpha_to_one
 
     # --- loading and saving ---
     @classmethod
-    def from_pretrained(cls, path, device: str = "cpu") -> StableDiffusion:
-        """Load a run folder written by `minisd train` (or by `save_pretrained`), or a model shipped
-        with the course by its name: 'shapes-cpu' (the `cpu` preset, see `PRETRAINED`)."""
+    def from_pretrained(cls, path, device: str = "cpu", dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Load a run folder written by `minisd train` (or by `save_pretrained`), a model shipped
+        with the course by its name: 'shapes-cpu' (the `cpu` preset, see `PRETRAINED`), or a
+        diffusers-format Stable Diffusion folder (one with `model_index.json`, see
+        `minisd.convert.load_stable_diffusion`). dtype: e.g. torch.float16 for the weights
+        (default: float32 as saved)."""
         from minisd.clip import TextEncoder
         from minisd.tokenizer import Tokenizer
         from minisd.train import pick_device
@@ -288,6 +314,10 @@ class StableDiffusion:
         if not path.is_dir():
             raise MinisdError(f"run folder {str(path)!r} not found; train one with `minisd train --out {path}`, "
                               f"or load a shipped model: {', '.join(map(repr, PRETRAINED))}")
+        if (path / "model_index.json").is_file():
+            from minisd.convert import load_stable_diffusion
+
+            return load_stable_diffusion(path, dtype=dtype or torch.float32, device=pick_device(device))
         missing = [p for p in ("config.json", "tokenizer.json", "vae", "text_encoder", "unet")
                    if not (path / p).exists()]
         if missing:
@@ -298,20 +328,28 @@ class StableDiffusion:
             pipe = config["pipeline"]
             schedule = NoiseSchedule(**pipe["schedule"])
             image_size = int(pipe["image_size"])
+            # options added later: a config without them has the defaults they had before
+            options = {key: pipe[key] for key in PIPELINE_OPTIONS if key in pipe}
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise MinisdError(f"{path / 'config.json'} is not a minisd run config ({e})") from None
         sd = cls(VAE.from_pretrained(path / "vae"), TextEncoder.from_pretrained(path / "text_encoder"),
-                 Tokenizer.load(path / "tokenizer.json"), UNet.from_pretrained(path / "unet"), schedule, image_size)
-        return sd.to(pick_device(device))
+                 Tokenizer.load(path / "tokenizer.json"), UNet.from_pretrained(path / "unet"), schedule, image_size,
+                 **options)
+        return sd.to(pick_device(device), dtype)
 
     def pipeline_config(self) -> dict:
-        return {"schedule": self.schedule.config(), "image_size": self.image_size, "prediction_type": "epsilon"}
+        return {"schedule": self.schedule.config(), "image_size": self.image_size,
+                **{key: getattr(self, key) for key in PIPELINE_OPTIONS}}
 
     def save_pretrained(self, path) -> None:
         """Write the model as a run folder (config.json, tokenizer.json, vae/, text_encoder/, unet/)."""
         from minisd.runs import write_json
+        from minisd.tokenizer import Tokenizer
 
         path = Path(path)
+        if not isinstance(self.tokenizer, Tokenizer):
+            raise MinisdError(f"this model's tokenizer is a {type(self.tokenizer).__name__}; save_pretrained writes "
+                              f"minisd's word-level tokenizer only (a Stable Diffusion folder is loaded where it is)")
         if path.exists() and not path.is_dir():
             raise MinisdError(f"{str(path)!r} is a file, not a folder")
         if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
@@ -327,14 +365,20 @@ class StableDiffusion:
                                           "stages": {"vae": asdict(self.vae.config),
                                                      "unet": asdict(self.unet.config)}})
 
-    def to(self, device) -> StableDiffusion:
+    def to(self, device, dtype: torch.dtype | None = None) -> StableDiffusion:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise MinisdError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
         for m in (self.vae, self.text_encoder, self.unet):
-            m.to(device)
+            m.to(device=device, dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -349,15 +393,18 @@ class StableDiffusion:
     @torch.no_grad()
     def predict_noise(self, latents, t: int, context, mask, uncond_context, uncond_mask, guidance_scale: float):
         """The guided ε̂ at timestep t: ε̂_u + w (ε̂_c − ε̂_u). One U-Net call on the doubled batch;
-        w = 1 needs only the conditional half and w = 0 only the unconditional one."""
+        w = 1 needs only the conditional half and w = 0 only the unconditional one. (For a
+        v_prediction model the same combination of the two v̂.) Masks of None: attend to every
+        position, padding included."""
         n = len(latents)
         tt = torch.full((n,), t, dtype=torch.long, device=latents.device)
         if guidance_scale == 1.0:
             return self.unet(latents, tt, context, mask)
         if guidance_scale == 0.0:
             return self.unet(latents, tt, uncond_context, uncond_mask)
+        both_masks = None if mask is None else torch.cat([mask, uncond_mask])
         eps = self.unet(torch.cat([latents, latents]), torch.cat([tt, tt]), torch.cat([context, uncond_context]),
-                        torch.cat([mask, uncond_mask]))
+                        both_masks)
         cond, uncond = eps.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
@@ -367,31 +414,48 @@ class StableDiffusion:
         posterior mean (or, with `sample`, a draw), times the VAE's scale factor."""
         from minisd.data import normalize
 
-        return self.vae.encode_latents(normalize(images).to(self.device), generator=generator, sample=sample)
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode_latents(normalize(images).to(self.device, vae_dtype), generator=generator,
+                                       sample=sample)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images (N, 3, H, W) in [0, 1]."""
         from minisd.data import denormalize
 
-        return denormalize(self.vae.decode_latents(latents.to(self.device)))
+        vae_dtype = next(self.vae.parameters()).dtype
+        return denormalize(self.vae.decode_latents(latents.to(self.device, vae_dtype)).float())
 
     def make_sampler(self, sampler: str, num_inference_steps: int):
-        """A sampler by name on this model's schedule; it checks the name and the step count."""
+        """A sampler by name on this model's schedule and prediction type; it checks the name and
+        the step count. DDPM takes the steps_offset, DDIM also set_alpha_to_one."""
         from minisd.samplers import make_sampler
 
-        return make_sampler(sampler, self.schedule, num_inference_steps=num_inference_steps)
+        options = {"ddpm": {"steps_offset": self.steps_offset},
+                   "ddim": {"steps_offset": self.steps_offset, "set_alpha_to_one": self.set_alpha_to_one}}
+        return make_sampler(sampler, self.schedule, num_inference_steps=num_inference_steps,
+                            prediction_type=self.prediction_type, **options.get(sampler, {}))
 
-    def _prepare(self, prompts, num_images, guidance_scale, num_inference_steps, sampler):
+    def _prepare(self, prompts, num_images, guidance_scale, num_inference_steps, sampler, negative_prompt=None):
         from minisd.clip import check_prompts
 
         prompts = check_prompts(prompts)
         check_count("num_images", num_images, 1)
         guidance_scale = check_guidance(guidance_scale)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negative = [negative_prompt or ""] * len(prompts)
+        else:
+            negative = check_prompts(negative_prompt)
+            if len(negative) != len(prompts):
+                raise MinisdError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one string "
+                                  f"for all or one per prompt")
         s = self.make_sampler(sampler, num_inference_steps)
         prompts = [p for p in prompts for _ in range(num_images)]
+        negative = [p for p in negative for _ in range(num_images)]
         context, mask = self.encode_prompt(prompts)
-        uncond, uncond_mask = self.encode_prompt([""] * len(prompts))
+        uncond, uncond_mask = self.encode_prompt(negative)  # the negative prompt replaces ""
+        if not self.mask_padding:  # Stable Diffusion's U-Net reads every position, padding included
+            mask = uncond_mask = None
         return prompts, guidance_scale, s, (context, mask, uncond, uncond_mask)
 
     @torch.no_grad()
@@ -408,30 +472,35 @@ class StableDiffusion:
 
     def __call__(self, prompts, num_images: int = 1, num_inference_steps: int = 50, guidance_scale: float = 4.0,
                  sampler: str = "ddim", seed: int = 0, callback: Callable[[StepInfo], None] | None = None,
-                 latents: torch.Tensor | None = None, progress: bool = False) -> SDOutput:
+                 latents: torch.Tensor | None = None, progress: bool = False,
+                 negative_prompt: str | list[str] | None = None) -> SDOutput:
         """Generate `num_images` images for each prompt (a string or a list of strings).
 
         seed: the starting noise (and DDPM's per-step noise) comes from a CPU generator with this
         seed, so the same call gives the same images. latents: start from these instead.
-        callback(StepInfo) runs after every step.
+        callback(StepInfo) runs after every step. negative_prompt: what to steer away from, one
+        string for all prompts or one per prompt; it replaces guidance's empty prompt (None: "").
         """
         prompts, guidance_scale, s, texts = self._prepare(prompts, num_images, guidance_scale,
-                                                          num_inference_steps, sampler)
+                                                          num_inference_steps, sampler, negative_prompt)
         generator = torch.Generator().manual_seed(check_seed(seed))
         shape = (len(prompts), *self.latent_shape)
         if latents is None:
             latents = torch.randn(shape, generator=generator)
         elif tuple(latents.shape) != shape:
             raise MinisdError(f"latents of shape {tuple(latents.shape)} given; this model needs {shape}")
-        z = self._denoise(latents.to(self.device), s, 0, texts, guidance_scale, generator, callback, progress)
+        z = self._denoise(latents.to(self.device, self.dtype), s, 0, texts, guidance_scale, generator, callback,
+                          progress)
         return SDOutput(self.decode(z), z, prompts)
 
     def img2img(self, image: torch.Tensor, prompts, strength: float = 0.6, num_inference_steps: int = 50,
                 guidance_scale: float = 4.0, sampler: str = "ddim", seed: int = 0,
-                callback: Callable[[StepInfo], None] | None = None, progress: bool = False) -> SDOutput:
+                callback: Callable[[StepInfo], None] | None = None, progress: bool = False,
+                negative_prompt: str | list[str] | None = None) -> SDOutput:
         """SDEdit (Meng et al. 2022): noise the image's latents to the timestep `strength` of the way
         to pure noise, then denoise with the prompt. strength 0 keeps the image, 1 ignores it.
-        image: (3, H, W) or (N, 3, H, W), uint8 or floats in [0, 1]; one output per image and prompt."""
+        image: (3, H, W) or (N, 3, H, W), uint8 or floats in [0, 1]; one output per image and prompt.
+        negative_prompt: as in `__call__`, one string or one per prompt."""
 
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise MinisdError(f"strength {strength!r} is not allowed; use a number in (0, 1]")
@@ -441,13 +510,13 @@ class StableDiffusion:
         if tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
             raise MinisdError(f"image of shape {tuple(image.shape[1:])}; this model makes "
                               f"(3, {self.image_size}, {self.image_size})")
-        prompts, guidance_scale, s, texts = self._prepare(prompts, len(image), guidance_scale,
-                                                          num_inference_steps, sampler)  # each prompt per image
+        prompts, guidance_scale, s, texts = self._prepare(prompts, len(image), guidance_scale, num_inference_steps,
+                                                          sampler, negative_prompt)  # each prompt per image
         z0 = self.encode(image).repeat(len(prompts) // len(image), 1, 1, 1)
         start = len(s.timesteps) - max(1, round(strength * len(s.timesteps)))
         t0 = int(s.timesteps[start])
         generator = torch.Generator().manual_seed(check_seed(seed))
-        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device, z0.dtype)
         z = self.schedule.add_noise(z0, noise, torch.full((len(z0),), t0, dtype=torch.long))
         z = self._denoise(z, s, start, texts, guidance_scale, generator, callback, progress)
         return SDOutput(self.decode(z), z, prompts)

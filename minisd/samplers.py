@@ -12,9 +12,12 @@ moves x_t to an earlier timestep x_prev. The two samplers differ only in that mo
         x_prev = sqrt(ᾱ_prev) pred_x0 + sqrt(1 − ᾱ_prev − σ²) pred_eps + σ z,
         σ = η · sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_prev); η = 0 is deterministic.
 
-Numerics and timesteps equal diffusers' DDPMScheduler and DDIMScheduler (clip_sample=False,
-set_alpha_to_one=True, steps_offset=0), tested. As there, the previous timestep is
-t − T // num_inference_steps, and ᾱ_prev = 1 once that falls below 0.
+Numerics and timesteps equal diffusers' DDPMScheduler and DDIMScheduler (clip_sample=False), tested.
+As there, the previous timestep is t − T // num_inference_steps, and ᾱ_prev = 1 once that falls
+below 0. Two options exist for Stable Diffusion's scheduler configs: `steps_offset` shifts the
+'leading' timesteps up (SD: 1, so 10 steps visit 901, 801, …, 1), and DDIM's `set_alpha_to_one=False`
+takes ᾱ_0 instead of 1 as the ᾱ_prev of the last step (SD's setting). The defaults, 0 and True,
+are the DDIM paper's.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ class SamplerOutput:
     pred_original_sample: torch.Tensor  # the model's current guess of x0
 
 
-def make_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str) -> torch.Tensor:
+def make_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str,
+                   steps_offset: int = 0) -> torch.Tensor:
     """The descending timesteps a sampler visits (the same lists as diffusers).
 
-    'leading':  0, k, 2k, … with k = T // n, reversed   (DDPM/DDIM papers; never visits T−1)
+    'leading':  0, k, 2k, … with k = T // n, reversed, each + steps_offset
+                (DDPM/DDIM papers: offset 0, never visits T−1; Stable Diffusion: offset 1)
     'trailing': T−1, T−1−T/n, … rounded                 (starts at pure noise; Lin et al. 2024)
     'linspace': n points evenly from T−1 down to 0, rounded
     """
@@ -50,9 +55,11 @@ def make_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: 
     T, n = num_train_timesteps, num_inference_steps
     if isinstance(n, bool) or int(n) != n or not 1 <= n <= T:
         raise MinisdError(f"num_inference_steps {n!r} is not allowed; use an integer from 1 to {T}")
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or not 0 <= steps_offset < T:
+        raise MinisdError(f"steps_offset {steps_offset!r} is not allowed; use an integer from 0 to {T - 1}")
     n = int(n)
-    if spacing == "leading":
-        ts = (np.arange(0, n) * (T // n)).round()[::-1]
+    if spacing == "leading":  # the offset applies to this spacing only, as in diffusers
+        ts = (np.arange(0, n) * (T // n)).round()[::-1] + int(steps_offset)
     elif spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / n)) - 1
     else:
@@ -64,15 +71,17 @@ class _Sampler:
     """What DDPM and DDIM share: the timestep list and the step's bookkeeping."""
 
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None,
-                 timestep_spacing: str, prediction_type: str):
+                 timestep_spacing: str, prediction_type: str, steps_offset: int = 0):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
         T = schedule.num_train_timesteps
         self.num_inference_steps = T if num_inference_steps is None else num_inference_steps
-        self.timesteps = make_timesteps(T, self.num_inference_steps, timestep_spacing)
+        self.timesteps = make_timesteps(T, self.num_inference_steps, timestep_spacing, steps_offset)
         self.num_inference_steps = len(self.timesteps)
+        self.final_alpha_cumprod = torch.tensor(1.0)  # ᾱ_prev once the previous timestep is below 0
 
     def previous_timestep(self, t: int) -> int:
         return t - self.schedule.num_train_timesteps // self.num_inference_steps
@@ -85,7 +94,7 @@ class _Sampler:
         ac = self.schedule.alphas_cumprod
         prev = self.previous_timestep(t)
         alpha_prod_t = ac[t]
-        alpha_prod_prev = ac[prev] if prev >= 0 else torch.tensor(1.0)
+        alpha_prod_prev = ac[prev] if prev >= 0 else self.final_alpha_cumprod
         return t, alpha_prod_t, alpha_prod_prev
 
     def _pred_x0_eps(self, model_output, x_t, t):
@@ -94,13 +103,14 @@ class _Sampler:
 
 
 class DDPMSampler(_Sampler):
-    """Ancestral sampling (Ho et al. 2020). With num_inference_steps=None it visits all T steps."""
+    """Ancestral sampling (Ho et al. 2020). With num_inference_steps=None it visits all T steps.
+    steps_offset: added to 'leading' timesteps (see `make_timesteps`)."""
 
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None = None,
                  variance_type: str = "fixed_small", timestep_spacing: str = "leading",
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", steps_offset: int = 0):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        super().__init__(schedule, num_inference_steps, timestep_spacing, prediction_type)
+        super().__init__(schedule, num_inference_steps, timestep_spacing, prediction_type, steps_offset)
         self.variance_type = variance_type
 
     def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor,
@@ -124,14 +134,24 @@ class DDPMSampler(_Sampler):
 
 
 class DDIMSampler(_Sampler):
-    """DDIM (Song et al. 2021): eta = 0 is deterministic; eta = 1 matches DDPM's variance."""
+    """DDIM (Song et al. 2021): eta = 0 is deterministic; eta = 1 matches DDPM's variance.
+
+    steps_offset: added to 'leading' timesteps (see `make_timesteps`; Stable Diffusion: 1).
+    set_alpha_to_one: the ᾱ_prev of the last step, whose previous timestep lies below 0, is 1
+    (True: the step lands on clean data) or ᾱ_0 (False: Stable Diffusion's scheduler configs).
+    """
 
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int = 50, eta: float = 0.0,
-                 timestep_spacing: str = "leading", prediction_type: str = "epsilon"):
+                 timestep_spacing: str = "leading", prediction_type: str = "epsilon",
+                 steps_offset: int = 0, set_alpha_to_one: bool = True):
         if not 0.0 <= eta <= 1.0:
             raise MinisdError(f"eta {eta!r} is out of range; allowed: 0.0 … 1.0")
-        super().__init__(schedule, num_inference_steps, timestep_spacing, prediction_type)
-        self.eta = eta
+        if not isinstance(set_alpha_to_one, bool):
+            raise MinisdError(f"set_alpha_to_one must be True or False, got {set_alpha_to_one!r}")
+        super().__init__(schedule, num_inference_steps, timestep_spacing, prediction_type, steps_offset)
+        self.eta, self.set_alpha_to_one = eta, set_alpha_to_one
+        if not set_alpha_to_one:
+            self.final_alpha_cumprod = schedule.alphas_cumprod[0]
 
     def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor,
              generator: torch.Generator | None = None,

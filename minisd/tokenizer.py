@@ -146,11 +146,13 @@ class BPETokenizer:
     unescaped, runs of whitespace made one space, lower case) and split into words, single
     digits, and runs of other marks; each piece's UTF-8 bytes are merged by `merges`. Sequences
     are <|startoftext|>, at most 75 tokens (longer text is cut, with a warning), <|endoftext|>,
-    then padding with <|endoftext|> as Stable Diffusion 1.x pads (its tokenizer's pad token).
+    then padding with `pad_token`: None pads with <|endoftext|> as Stable Diffusion 1.x does; SD 2.x
+    pads with "!" (id 0). The choice matters: the causal text encoder gives the padding positions
+    states of their own, and SD's U-Net attends to every position, padding included.
     """
 
     def __init__(self, merges: list[tuple[str, str]], max_length: int = BPE_MAX_LENGTH,
-                 vocab: dict[str, int] | None = None):
+                 vocab: dict[str, int] | None = None, pad_token: str | None = None):
         import regex  # Unicode classes \\p{L} (letters) and \\p{N} (numbers), which `re` lacks
 
         alphabet = list(byte_alphabet().values())
@@ -165,7 +167,10 @@ class BPETokenizer:
         self.char_byte = {c: b for b, c in self.byte_char.items()}
         self.max_length = max_length
         self.start_id, self.end_id = self.vocab[BPE_START], self.vocab[BPE_END]
-        self.pad_id = self.end_id
+        if pad_token is not None and pad_token not in self.vocab:
+            raise MinisdError(f"pad token {pad_token!r} is not in the vocabulary")
+        self.pad_token = pad_token
+        self.pad_id = self.end_id if pad_token is None else self.vocab[pad_token]
         self._pieces = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|"
                                      r"[^\s\p{L}\p{N}]+", regex.IGNORECASE)
         self._cache: dict[str, list[str]] = {}
@@ -184,18 +189,37 @@ class BPETokenizer:
         return cls(_read_merges(raw.decode("utf-8"), path), max_length)
 
     @classmethod
-    def from_folder(cls, folder, max_length: int = BPE_MAX_LENGTH) -> BPETokenizer:
-        """A diffusers-format `tokenizer/` folder: `vocab.json` (token → id) and `merges.txt`."""
+    def from_folder(cls, folder, max_length: int | None = None) -> BPETokenizer:
+        """A diffusers-format `tokenizer/` folder: `vocab.json` (token → id) and `merges.txt`, or
+        the single `tokenizer.json` that transformers ≥ 5 writes. The pad token and, unless
+        `max_length` is given, the sequence length (`model_max_length`, else 77) come from
+        `special_tokens_map.json` / `tokenizer_config.json` where the folder has them."""
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise MinisdError(f"{str(folder / name)!r} not found; a tokenizer folder holds vocab.json and merges.txt")
-        try:
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MinisdError(f"{str(folder / 'vocab.json')!r} is not valid JSON ({e})") from None
-        merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8"), folder / "merges.txt")
-        return cls(merges, max_length, vocab)
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            for name in ("vocab.json", "merges.txt"):
+                if not (folder / name).is_file():
+                    raise MinisdError(f"{str(folder / name)!r} not found; a tokenizer folder holds vocab.json and "
+                                      f"merges.txt (or tokenizer.json)")
+            vocab = _read_json(folder / "vocab.json")
+            merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8"), folder / "merges.txt")
+        else:
+            model = _read_json(folder / "tokenizer.json").get("model", {})
+            if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>" or \
+                    not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+                raise MinisdError(f"{str(folder / 'tokenizer.json')!r} is not CLIP's byte-pair tokenizer")
+            vocab = model["vocab"]
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        settings = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # special_tokens_map.json has the last word
+            if (folder / name).is_file():
+                settings.update(_read_json(folder / name))
+        pad = settings.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad  # saved either as text or as an AddedToken
+        if max_length is None:
+            length = settings.get("model_max_length")
+            # tokenizers without a limit store a huge number here
+            max_length = length if isinstance(length, int) and 2 <= length <= 4096 else BPE_MAX_LENGTH
+        return cls(merges, max_length, vocab, pad_token=None if pad == BPE_END else pad)
 
     # -- text → tokens --------------------------------------------------------------------------
     def clean(self, text: str) -> str:
@@ -276,9 +300,21 @@ class BPETokenizer:
         return out.decode("utf-8", errors="replace").strip()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinisdError(f"{str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MinisdError(f"{str(path)!r} does not hold a JSON object")
+    return data
+
+
 def _read_merges(text: str, where) -> list[tuple[str, str]]:
     """The merges of a merges file: lines 2 … 48,895, each two tokens separated by a space."""
     lines = text.split("\n")[1: _BPE_MERGES + 1]
+    while lines and not lines[-1].strip():  # the newline that ends a file shorter than CLIP's
+        lines.pop()
     merges = [tuple(line.split()) for line in lines]
     bad = next((n for n, m in enumerate(merges, start=2) if len(m) != 2), None)
     if bad is not None:

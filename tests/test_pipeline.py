@@ -140,6 +140,36 @@ def test_save_and_load_give_the_same_images(sd, tmp_path):
     assert not list((tmp_path / "copy").rglob(".*"))  # no temporary files left behind
 
 
+def test_pipeline_options_are_saved_and_old_configs_load_with_the_defaults(sd, tmp_path):
+    options = dict(mask_padding=False, steps_offset=1, set_alpha_to_one=False)
+    changed = StableDiffusion(sd.vae, sd.text_encoder, sd.tokenizer, sd.unet, sd.schedule, sd.image_size, **options)
+    changed.save_pretrained(tmp_path / "changed")
+    again = StableDiffusion.from_pretrained(tmp_path / "changed")
+    assert {k: getattr(again, k) for k in options} == options and again.prediction_type == "epsilon"
+    a = changed(PROMPT, num_inference_steps=4, seed=1)
+    assert torch.equal(again(PROMPT, num_inference_steps=4, seed=1).images, a.images)
+    assert not torch.equal(sd(PROMPT, num_inference_steps=4, seed=1).images, a.images)
+    # a config.json written before these options existed
+    config_file = tmp_path / "changed" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("mask_padding", "steps_offset", "set_alpha_to_one", "prediction_type"):
+        del config["pipeline"][key]
+    config_file.write_text(json.dumps(config))
+    old = StableDiffusion.from_pretrained(tmp_path / "changed")
+    assert (old.mask_padding, old.steps_offset, old.set_alpha_to_one, old.prediction_type) == (True, 0, True, "epsilon")
+    assert torch.equal(old(PROMPT, num_inference_steps=4, seed=1).images,
+                       sd(PROMPT, num_inference_steps=4, seed=1).images)
+
+
+def test_a_negative_prompt_replaces_the_empty_prompt(sd):
+    default = sd(PROMPT, num_images=2, num_inference_steps=3, seed=0).images
+    assert torch.equal(sd(PROMPT, num_images=2, num_inference_steps=3, seed=0, negative_prompt="").images, default)
+    negative = sd(PROMPT, num_images=2, num_inference_steps=3, seed=0, negative_prompt="a blue square").images
+    assert not torch.equal(negative, default)
+    with pytest.raises(MinisdError, match="2 negative prompts for 1 prompts"):
+        sd(PROMPT, negative_prompt=["", ""])
+
+
 def test_loading_a_missing_incomplete_corrupt_or_mismatched_run_is_a_clear_error(tiny_run, tmp_path):
     from minisd.unet import UNet
 

@@ -59,6 +59,41 @@ def test_ddim_step_matches_diffusers(prediction_type, eta, spacing, schedule):
         x = a.prev_sample
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", [1, 10, 50])
+def test_ddim_with_stable_diffusions_scheduler_config_matches_diffusers(prediction_type, n):
+    """SD's scheduler_config.json: steps_offset=1 (10 steps visit 901 … 1) and set_alpha_to_one=False
+    (the last step's ᾱ_prev is ᾱ_0, not 1)."""
+    ours = DDIMSampler(NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012), n, prediction_type=prediction_type,
+                       steps_offset=1, set_alpha_to_one=False)
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    ref.set_timesteps(n)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert ours.timesteps[-1] == 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    for t in ours.timesteps.tolist():
+        model_output = torch.randn(x.shape, generator=g)
+        a, b = ours.step(model_output, t, x), ref.step(model_output, t, x)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=1e-5, rtol=1e-5)
+        x = a.prev_sample
+    # the default (set_alpha_to_one=True) lands elsewhere on the last step
+    plain = DDIMSampler(NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012), n, steps_offset=1)
+    assert not torch.equal(plain.step(model_output, 1, x).prev_sample, ours.step(model_output, 1, x).prev_sample)
+
+
+def test_ddpm_steps_offset_shifts_the_timesteps_as_diffusers_does():
+    ref = DDPMScheduler(num_train_timesteps=1000, steps_offset=1)
+    ref.set_timesteps(20)
+    assert torch.equal(DDPMSampler(NoiseSchedule(1000), 20, steps_offset=1).timesteps, ref.timesteps)
+    with pytest.raises(MinisdError, match="steps_offset -1 is not allowed"):
+        DDIMSampler(NoiseSchedule(1000), 10, steps_offset=-1)
+    with pytest.raises(MinisdError, match="set_alpha_to_one must be True or False"):
+        DDIMSampler(NoiseSchedule(1000), 10, set_alpha_to_one="no")
+
+
 def test_ddim_eta_one_draws_noise_from_the_generator():
     s = NoiseSchedule(1000, "linear", 0.00085, 0.012)
     ours, ref = DDIMSampler(s, 10, eta=1.0), ddim_reference(10, "leading", "epsilon", "linear")

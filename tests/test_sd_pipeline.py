@@ -1,0 +1,210 @@
+"""A whole diffusers-format Stable Diffusion folder through minisd's `StableDiffusion`: a tiny random
+`StableDiffusionPipeline`, saved by diffusers' own save_pretrained and loaded by minisd, must draw
+the same images from the same starting latents, with and without a negative prompt."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from minisd import MinisdError
+from minisd.cli import main
+from minisd.pipeline import StableDiffusion
+from minisd.tokenizer import BPE_END, BPE_START, BPETokenizer, byte_alphabet
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-3
+PROMPTS = ["a red cat", "a dog on a mat"]
+NEGATIVE = ["a blurry dog", "red"]
+MERGES = [("c", "a"), ("ca", "t</w>"), ("r", "e"), ("re", "d</w>"), ("d", "o"), ("do", "g</w>")]
+
+# Two Stable Diffusion layouts at toy widths (32×32 images, 16×16 latents, 77-token prompts):
+CONFIGS = {
+    # SD 1.x: conv projections, the same heads everywhere, OpenAI CLIP (quick_gelu), padding with
+    # <|endoftext|>, ε-prediction
+    "sd1": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=2,
+                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4),
+                hidden_act="quick_gelu", pad_token=None, prediction_type="epsilon"),
+    # SD 2.x: linear projections, heads per level, OpenCLIP (gelu), padding with "!" (id 0), v-prediction
+    "sd2": dict(unet=dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+                          down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                          attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True),
+                hidden_act="gelu", pad_token="!", prediction_type="v_prediction"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is several times faster than threads waiting on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def randomise(model, seed):
+    """Add noise to every weight, so zero or one initialisations cannot hide a mistake."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        scale = p[0].numel() ** -0.5 if p.ndim > 1 else 0.1
+        p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def tiny_tokenizer(folder, pad_token):
+    """A CLIP tokenizer with CLIP's byte alphabet, six merges ("cat", "red", "dog") and the two
+    special tokens: 520 tokens, written as vocab.json and merges.txt and read by transformers."""
+    alphabet = list(byte_alphabet().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in MERGES] + [BPE_START, BPE_END]
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in MERGES) + "\n")
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      model_max_length=77, **extra), len(tokens)
+
+
+def reference_pipeline(name, tmp_path):
+    config = CONFIGS[name]
+    tokenizer, vocab_size = tiny_tokenizer(tmp_path / "vocab", config["pad_token"])
+    torch.manual_seed(0)
+    unet = randomise(diffusers.UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8,
+                                                    cross_attention_dim=32, **config["unet"]), 1)
+    vae = randomise(diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                                            down_block_types=("DownEncoderBlock2D",) * 2,
+                                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                            latent_channels=4, norm_num_groups=8, sample_size=32), 2)
+    text_encoder = randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=77, hidden_act=config["hidden_act"], bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1)), 3)
+    # Stable Diffusion's scheduler_config.json
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        prediction_type=config["prediction_type"])
+    return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(diffusers' pipeline, the folder it saved, minisd's StableDiffusion loaded from that folder)."""
+    tmp_path = tmp_path_factory.mktemp(request.param)
+    ref = reference_pipeline(request.param, tmp_path)
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "model", safe_serialization=True)
+    return ref, tmp_path / "model", StableDiffusion.from_pretrained(tmp_path / "model")
+
+
+def test_the_folder_loads_with_stable_diffusions_settings(pair):
+    ref, _, sd = pair
+    assert sd.image_size == 32 and sd.latent_shape == (4, 16, 16)
+    assert sd.prediction_type == ref.scheduler.config.prediction_type
+    assert (sd.mask_padding, sd.steps_offset, sd.set_alpha_to_one) == (False, 1, False)
+    assert sd.vae.config.scale_factor == ref.vae.config.scaling_factor
+    torch.testing.assert_close(sd.schedule.alphas_cumprod, ref.scheduler.alphas_cumprod)
+    assert isinstance(sd.tokenizer, BPETokenizer)
+    ids, _ = sd.tokenizer(PROMPTS + [""])
+    expected = ref.tokenizer(PROMPTS + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, expected)  # SD 1.x pads with <|endoftext|>, SD 2.x with "!"
+
+
+@torch.no_grad()
+def test_images_equal_diffusers_with_and_without_a_negative_prompt(pair):
+    ref, _, sd = pair
+    latents = torch.randn(len(PROMPTS), *sd.latent_shape, generator=torch.Generator().manual_seed(0))
+    for negative in (None, NEGATIVE):
+        expected = ref(PROMPTS, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5,
+                       latents=latents.clone(), output_type="pt").images
+        got = sd(PROMPTS, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5, latents=latents)
+        assert got.images.shape == expected.shape and 0 <= expected.min() and expected.max() <= 1  # both in [0, 1]
+        assert 0.2 < ((expected > 0) & (expected < 1)).float().mean()  # not all clamped: the test can see errors
+        err = (got.images - expected).abs().max().item()
+        print(f"{sd.prediction_type}, negative prompt {negative}: max abs difference {err:.2e}")
+        assert err <= TOL
+    # the negative prompt matters, and "" is the default
+    assert not torch.allclose(got.images, sd(PROMPTS, num_inference_steps=10, guidance_scale=7.5,
+                                             latents=latents).images, atol=1e-3)
+
+
+def test_an_empty_negative_prompt_is_the_default_and_a_wrong_count_is_refused(pair):
+    _, _, sd = pair
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, seed=1)
+    default = sd(PROMPTS, **kwargs).images
+    assert torch.equal(sd(PROMPTS, negative_prompt="", **kwargs).images, default)
+    assert torch.equal(sd(PROMPTS, negative_prompt=["", ""], **kwargs).images, default)
+    with pytest.raises(MinisdError, match="3 negative prompts for 2 prompts"):
+        sd(PROMPTS, negative_prompt=["a", "b", "c"], **kwargs)
+    with pytest.raises(MinisdError, match="every prompt must be a string"):
+        sd(PROMPTS, negative_prompt=["a", 3], **kwargs)
+
+
+def test_incomplete_or_other_folders_are_refused_with_one_line(pair, tmp_path, capsys):
+    _, folder, _ = pair
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(MinisdError, match=r"not a complete Stable Diffusion folder: the folder has no text_encoder/"):
+        StableDiffusion.from_pretrained(broken)
+    assert main(["sample", "--run", str(broken), "--prompt", "a cat", "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "text_encoder/" in err
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index.pop("scheduler")
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(MinisdError, match="model_index.json lists no scheduler; the folder has no text_encoder/"):
+        StableDiffusion.from_pretrained(broken)
+    (broken / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusionXLPipeline")))
+    with pytest.raises(MinisdError, match="describes a 'StableDiffusionXLPipeline'"):
+        StableDiffusion.from_pretrained(broken)
+
+    shutil.rmtree(broken)
+    shutil.copytree(folder, broken)
+    config_file = broken / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(dict(config, timestep_spacing="trailing")))
+    with pytest.raises(MinisdError, match="timestep_spacing='trailing'.*supported: 'leading'"):
+        StableDiffusion.from_pretrained(broken)
+    config_file.write_text(json.dumps(dict(config, beta_schedule="sigmoid")))
+    with pytest.raises(MinisdError, match="beta_schedule='sigmoid'"):
+        StableDiffusion.from_pretrained(broken)
+
+
+def test_the_folder_samples_from_the_command_line(pair, tmp_path, capsys):
+    _, folder, _ = pair
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--run", str(folder), "--prompt", "a red cat", "-n", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and "2 images of 32×32" in capsys.readouterr().out
+
+
+def test_a_diffusers_folder_loads_in_bfloat16(pair):
+    _, folder, _ = pair
+    sd = StableDiffusion.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    images = sd("a red cat", num_inference_steps=2).images
+    assert images.dtype == torch.float32 and images.shape == (1, 3, 32, 32)
+
+
+def test_a_tokenizer_folder_gives_its_pad_token_and_length(tmp_path):
+    """A hub folder's files (vocab.json, merges.txt, special_tokens_map.json with the pad token as
+    an AddedToken, tokenizer_config.json) read as transformers reads them."""
+    ref, _ = tiny_tokenizer(tmp_path / "tok", "!")
+    (tmp_path / "tok" / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "!"}}))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 20, "pad_token": "x"}))
+    ours = BPETokenizer.from_folder(tmp_path / "tok")
+    assert (ours.pad_id, ours.max_length) == (0, 20)
+    ids, mask = ours(PROMPTS)
+    expected = ref(PROMPTS, padding="max_length", max_length=20, return_tensors="pt").input_ids
+    assert torch.equal(ids, expected) and mask.sum(1).tolist() == [5, 10]
+    (tmp_path / "tok" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    with pytest.raises(MinisdError, match="pad token '<pad>' is not in the vocabulary"):
+        BPETokenizer.from_folder(tmp_path / "tok")
