@@ -383,7 +383,8 @@ def colour_and_object(name: str) -> tuple[str | None, str | None]:
 
 def evaluate_emoji(sd, judge: EmojiJudge, root: str | Path = "data", lang: str = "en", per_prompt: int = 1,
                    held_out_per_prompt: int = 20, steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
-                   batch_size: int = 250, limit: int | None = None, progress: bool = False) -> dict:
+                   batch_size: int = 250, limit: int | None = None, progress: bool = False,
+                   return_samples: bool = False) -> dict:
     """Prompt fidelity and FID of a text-to-image model trained on emoji, read by the emoji judge.
 
     Every emoji of the test split is prompted by its name in `lang` ('en' or 'ja') `per_prompt`
@@ -398,6 +399,10 @@ def evaluate_emoji(sd, judge: EmojiJudge, root: str | Path = "data", lang: str =
 
     FID compares the two sets as distributions: a model that drew every emoji in another's place
     would score as well as a perfect one. Fidelity to the prompt is what top1 and top5 measure.
+
+    With `return_samples`, out['samples'] also holds every sample and its reading, for a closer look:
+    images (N, 3, S, S) in [0, 1], asked (N,) the prompted emoji, read (N, 5) the judge's five first,
+    held_out (N,) bool (not JSON: drop it before writing the dict to a file).
     """
     from minisd.errors import check_choice
     from minisd.metrics import frechet_distance, proportion_interval
@@ -436,6 +441,8 @@ def evaluate_emoji(sd, judge: EmojiJudge, root: str | Path = "data", lang: str =
     out["fid"] = frechet_distance(feats[~is_held], feats_a)
     out["fid_reference"] = frechet_distance(feats_b, feats_a)
     out["num_images"], out["lang"], out["seconds"] = len(images), lang, time.perf_counter() - begin
+    if return_samples:
+        out["samples"] = {"images": images, "asked": asked, "read": top, "held_out": is_held}
     return out
 
 

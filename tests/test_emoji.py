@@ -241,6 +241,17 @@ def test_fidelity_of_a_perfect_and_of_a_wrong_model(judge, root, lang):
     assert blank["fid"] > 5 * perfect["fid_reference"] and blank["top5"] < 0.05
 
 
+def test_fidelity_keeps_its_samples_when_asked(judge, root):
+    model, _ = judge
+    r = emojis.evaluate_emoji(_Drawer(root, "en", 0), model, root, limit=50, held_out_per_prompt=4, return_samples=True)
+    s = r["samples"]
+    assert len(s["images"]) == len(s["asked"]) == len(s["read"]) == len(s["held_out"]) == 50 + 3 * 4
+    assert s["read"].shape[1] == 5 and int(s["held_out"].sum()) == 12
+    # the rates are the samples' readings, counted
+    assert (s["read"][~s["held_out"], 0] == s["asked"][~s["held_out"]]).float().mean().item() == pytest.approx(r["top1"])
+    assert "samples" not in emojis.evaluate_emoji(_Drawer(root, "en", 0), model, root, limit=5, held_out_per_prompt=1)
+
+
 def test_an_emoji_run_trains_samples_in_japanese_and_is_measured(root, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--dataset", "emoji-ja", "--root", str(root), "--out", str(out)]) == 0
