@@ -1002,6 +1002,126 @@ open_exercise("09.6", "for the same 12,800 images batch 8 ends lower (held-out l
                       "fixed lr, wins per second too although batch 64 runs at 4× the images/s")
 
 
+# --- chapter 10 ----------------------------------------------------------------------------------
+
+_CH10_STRINGS = ("赤いハート", "Tシャツ", "ice hockey", "地球(アジアとオーストラリア)", "Ｔｈｅ　ＥＮＤ", "人々",
+                 "non-potable water", "ｶﾀｶﾅ", "cat with tears of joy", "a 100% score!", "しずくの絵文字ー")
+
+
+def _ch10_captions() -> list[str]:
+    """Hand-picked edge cases (full-width letters, half-width kana, 々, marks) and every 7th emoji name in
+    English and Japanese."""
+    from minisd.emojis import _emoji_table
+
+    names = [n for pair in _emoji_table().values() for n in pair]
+    return [*_CH10_STRINGS, *names[::7]]
+
+
+@exercise("10.1", "a function split_caption(text) → list of tokens, as minisd's tokenizer splits a caption",
+          "normalise first (NFKC, then lower case); one token per kana or kanji character (and 々), one per run of "
+          "other letters and digits, one per mark that is neither a letter, a digit nor a space")
+def _(answer):
+    from minisd.tokenizer import split_words
+
+    for text in _ch10_captions():
+        got = _call(answer, text)
+        if not isinstance(got, (list, tuple)) or not all(isinstance(t, str) for t in got):
+            return f"the function should return a list of strings, got {type(got).__name__}"
+        want = split_words(text)
+        if list(got) != want:
+            return f"{text!r} is split into {len(got)} tokens where the tokenizer makes {len(want)}" \
+                if len(got) != len(want) else f"{text!r} is split into the right number of tokens, but not the same ones"
+    return None
+
+
+@exercise("10.2", "a function chance_top1(asked, k) → the top-1 fidelity (a share, 0 … 1) of a model that always "
+                  "draws emoji k, on the asked emoji indices `asked`",
+          "a model that always draws k is right exactly on the samples that asked for k")
+def _(answer):
+    g = torch.Generator().manual_seed(1001)
+    for n, kinds in ((50, 5), (200, 40), (7, 3)):
+        asked = torch.randint(kinds, (n,), generator=g)
+        for k in (int(asked[0]), kinds):  # an emoji that was asked for, and one that was not
+            want = float((asked == k).double().mean())
+            got = _number(_call(answer, asked.clone(), k))
+            if abs(got - want) > 1e-6:
+                return (f"for {n} samples the function gives {got:.4g}; " +
+                        ("it should be a share between 0 and 1" if got > 1 else "not the share it would score"))
+    return None
+
+
+open_exercise("10.3", "in Japanese the colour follows the colour word in 69.9 % [65.4, 74.0] of 432 samples, against "
+                      "82.2 % [78.3, 85.5] in English: orange, brown and white fall behind")
+open_exercise("10.4", "top-5 2.0 % without guidance (w = 1), 6.8, 8.7 and 7.5 % at w = 2, 4 and 8: guidance helps, but "
+                      "400 prompts find no best w among 2, 4 and 8")
+
+
+# --- chapter 11 --------------------------------------------------------------------------------
+
+_CH11_CASES = [  # (key, rules): whole parts only, numbers only for {i} and {j}, first place only, rules in order
+    ("attn1.to_out.0.bias", [("to_out.0", "to_out")]),
+    ("attn1.to_out.01.bias", [("to_out.0", "to_out")]),
+    ("attn1.xto_out.0.bias", [("to_out.0", "to_out")]),
+    ("down_blocks.x.resnets.0.conv1.weight", [("down_blocks.{i}.resnets.{j}", "down.{i}.res.{j}")]),
+    ("a.1.a.2.w", [("a.{i}", "b.{i}")]),
+    ("a.1.w", [("a.{i}", "b.{i}"), ("b.1", "c"), ("a.1", "never")]),
+    ("x.3.y.12.z", [("x.{i}.y.{j}", "p.{j}.q.{i}")]),
+]
+
+
+def _ch11_keys():
+    """(key, rules) pairs: hand-made edge cases, and every 5th tensor name of SD 1.5-shaped models (built on the
+    meta device from diffusers' and transformers' own classes) with minisd's tables."""
+    cases = list(_CH11_CASES)
+    try:
+        import diffusers
+        import transformers
+    except ImportError:  # the hand-made cases and the rule tables' own names still test the function
+        diffusers = transformers = None
+    from minisd.convert import TEXT_RULES, UNET_RULES, vae_config_from_diffusers, vae_rules
+
+    vae = vae_rules(vae_config_from_diffusers({"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}))
+    for rules in (UNET_RULES, vae, TEXT_RULES):
+        cases += [(source.format(i=3, j=1) + ".weight", rules) for source, _ in rules]
+    if diffusers is not None:
+        with torch.device("meta"):
+            unet = diffusers.UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2,
+                                                  norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+                                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+            ae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                         down_block_types=("DownEncoderBlock2D",) * 4,
+                                         up_block_types=("UpDecoderBlock2D",) * 4)
+            text = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=32, num_hidden_layers=3,
+                                                                          num_attention_heads=4, intermediate_size=64))
+        for model, rules in ((unet, UNET_RULES), (ae, vae), (text, TEXT_RULES)):
+            names = [k.removeprefix("text_model.") for k in model.state_dict()]
+            cases += [(k, rules) for k in names[::5]]
+    return cases
+
+
+@exercise("11.1", "a function rename(key, rules) → the renamed key, as minisd.convert.rename renames it",
+          "split at the dots and compare whole parts; {i} and {j} match a part made of digits and carry it to the "
+          "target; each rule once, at its first match, the rules in order")
+def _(answer):
+    from minisd.convert import rename
+
+    for key, rules in _ch11_keys():
+        got = _call(answer, key, [tuple(r) for r in rules])
+        if not isinstance(got, str):
+            return f"the function should return a string, got {type(got).__name__}"
+        if got != rename(key, rules):
+            rule_text = rules[0] if len(rules) == 1 else f"a table of {len(rules)} rules"
+            return f"{key!r} with {rule_text} becomes {got!r}, which is not what the rules make"
+    return None
+
+
+open_exercise("11.2", "SD 1.5's U-Net: residual blocks 537.67 M parameters (62.6 %), transformer blocks 267.24 M "
+                      "(31.1 %), the rest 54.61 M (6.4 %); the cpu preset: 52.6 % and 41.0 %")
+open_exercise("11.3", "on the SD 2.x-style tiny model: 3.9e-06 with all three settings as SD; padding mask on 1.0, "
+                      "steps_offset 0 0.13, set_alpha_to_one True 2.4e-02: the same order as the SD 1.x style")
+
+
 # --- the student edition -----------------------------------------------------------------------
 
 SOLUTION_TAG = "solution"

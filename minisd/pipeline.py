@@ -426,13 +426,15 @@ class StableDiffusion:
         vae_dtype = next(self.vae.parameters()).dtype
         return denormalize(self.vae.decode_latents(latents.to(self.device, vae_dtype)).float())
 
-    def make_sampler(self, sampler: str, num_inference_steps: int):
+    def make_sampler(self, sampler: str, num_inference_steps: int, eta: float | None = None):
         """A sampler by name on this model's schedule and prediction type; it checks the name and
-        the step count. DDPM takes the steps_offset, DDIM also set_alpha_to_one."""
+        the step count. DDPM takes the steps_offset, DDIM also set_alpha_to_one and `eta`
+        (None: the sampler's default, 0)."""
         from minisd.samplers import make_sampler
 
+        ddim = {"steps_offset": self.steps_offset, "set_alpha_to_one": self.set_alpha_to_one}
         options = {"ddpm": {"steps_offset": self.steps_offset},
-                   "ddim": {"steps_offset": self.steps_offset, "set_alpha_to_one": self.set_alpha_to_one}}
+                   "ddim": ddim if eta is None else {**ddim, "eta": eta}}
         return make_sampler(sampler, self.schedule, num_inference_steps=num_inference_steps,
                             prediction_type=self.prediction_type, **options.get(sampler, {}))
 

@@ -555,6 +555,95 @@ WRONG.update({
 })
 
 
+def split_caption_by_loop(text, normalise=True):
+    """10.1 worked out character by character, without a regular expression."""
+    import unicodedata
+
+    def japanese(ch):
+        return ch == "\u3005" or "\u3040" <= ch <= "\u30ff" or "\u3400" <= ch <= "\u4dbf" or \
+            "\u4e00" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff"
+
+    tokens, run = [], ""
+    for ch in (unicodedata.normalize("NFKC", text) if normalise else text).lower():
+        letter = (ch.isalnum() or ch == "_" or unicodedata.category(ch) in ("Mn", "Mc")) and not japanese(ch)
+        if letter:
+            run += ch
+            continue
+        if run:
+            tokens.append(run)
+            run = ""
+        if not ch.isspace():
+            tokens.append(ch)  # a kana or kanji, or a mark
+    return tokens + ([run] if run else [])
+
+
+RIGHT.update({"10.1": lambda: split_caption_by_loop,
+              "10.2": lambda: lambda asked, k: sum(int(a) == k for a in asked) / len(asked)})
+WRONG.update({
+    "10.1": [lambda text: text.split(),                                                    # spaces only
+             lambda text: list(text.replace(" ", "")),                                     # every character
+             lambda text: split_caption_by_loop(text, normalise=False),                    # no NFKC: ｔｈｅ stays wide
+             lambda text: [t.upper() for t in split_caption_by_loop(text)],                  # not lower case
+             lambda text: [t for t in split_caption_by_loop(text) if t.isalnum() or len(t) > 1]],  # marks dropped
+    "10.2": [lambda asked, k: sum(int(a) == k for a in asked),                               # a count, not a share
+             lambda asked, k: 1 / len(set(int(a) for a in asked)),                           # 1 / number of kinds
+             lambda asked, k: max(sum(int(a) == j for a in asked) for j in set(int(a) for a in asked)) / len(asked)],
+})
+
+
+def rename_by_regex(key, rules):
+    """11.1 worked out with regular expressions on the whole key: each rule's source becomes a pattern anchored at
+    dots, {i} and {j} named groups of digits; the leftmost match is replaced."""
+    for source, target in rules:
+        body = re.escape(source).replace(r"\{i\}", r"(?P<i>[0-9]+)").replace(r"\{j\}", r"(?P<j>[0-9]+)")
+        m = re.search(rf"(?:^|(?<=\.)){body}(?=\.|$)", key)
+        if m:
+            key = key[:m.start()] + target.format(**m.groupdict()) + key[m.end():]
+    return key
+
+
+def rename_substrings(key, rules):
+    """Plain text replacement: no numbers, and parts of names match too."""
+    for source, target in rules:
+        if "{" not in source:
+            key = key.replace(source, target, 1)
+    return key
+
+
+def rename_first_rule_only(key, rules):
+    """Stops after the first rule that matches."""
+    for rule in rules:
+        new = rename_by_regex(key, [rule])
+        if new != key:
+            return new
+    return key
+
+
+def rename_any_part_is_a_number(key, rules):
+    """{i} and {j} match any part, not only numbers."""
+    for source, target in rules:
+        body = re.escape(source).replace(r"\{i\}", r"(?P<i>[^.]+)").replace(r"\{j\}", r"(?P<j>[^.]+)")
+        m = re.search(rf"(?:^|(?<=\.)){body}(?=\.|$)", key)
+        if m:
+            key = key[:m.start()] + target.format(**m.groupdict()) + key[m.end():]
+    return key
+
+
+def rename_not_anchored(key, rules):
+    """Matches inside parts: 'to_out.0' also renames 'xto_out.0' and 'to_out.01'."""
+    for source, target in rules:
+        body = re.escape(source).replace(r"\{i\}", r"(?P<i>[0-9]+)").replace(r"\{j\}", r"(?P<j>[0-9]+)")
+        m = re.search(body, key)
+        if m:
+            key = key[:m.start()] + target.format(**m.groupdict()) + key[m.end():]
+    return key
+
+
+RIGHT.update({"11.1": lambda: rename_by_regex})
+WRONG.update({"11.1": [rename_substrings, rename_first_rule_only, rename_any_part_is_a_number, rename_not_anchored,
+                       lambda key, rules: key]})                                             # nothing renamed
+
+
 def test_every_check_has_right_and_wrong_answers_here():
     assert set(RIGHT) == set(CHECKS) == set(WRONG)
 
@@ -687,3 +776,4 @@ def test_student_edition_runs_top_to_bottom(tmp_path):
                              "--nbval-current-env", "--rootdir", str(tmp_path), *map(str, written)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+

@@ -208,3 +208,28 @@ def test_a_tokenizer_folder_gives_its_pad_token_and_length(tmp_path):
     (tmp_path / "tok" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
     with pytest.raises(MinisdError, match="pad token '<pad>' is not in the vocabulary"):
         BPETokenizer.from_folder(tmp_path / "tok")
+
+
+@torch.no_grad()
+def test_a_trajectory_of_a_loaded_folder_names_its_bpe_tokens_and_matches_the_pipeline(pair):
+    from minisd.trajectory import record_trajectory
+
+    _, _, sd = pair
+    traj = record_trajectory(sd, "a red cat", seed=2, num_inference_steps=3, guidance_scale=7.5)
+    assert traj.tokens == [BPE_START, "a", "red", "cat", BPE_END]  # one name per position the U-Net reads
+    assert traj.attention_map(2).shape == (5, 16, 16)
+    expected = sd("a red cat", num_inference_steps=3, guidance_scale=7.5, seed=2).images
+    assert (traj.images[-1:] - expected).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_continuing_from_the_start_uses_the_models_sampler_settings(pair):
+    """continue_from from step 0 with deterministic DDIM is the whole run of sd(...): the folder's
+    prediction type, steps_offset 1, set_alpha_to_one False and no padding mask, as diffusers."""
+    from minisd.trajectory import continue_from
+
+    ref, _, sd = pair
+    latents = torch.randn(2, *sd.latent_shape, generator=torch.Generator().manual_seed(3))
+    got = continue_from(sd, latents, 0, PROMPTS, num_inference_steps=4, guidance_scale=7.5, sampler="ddim")
+    expected = ref(PROMPTS, num_inference_steps=4, guidance_scale=7.5, latents=latents.clone(), output_type="pt").images
+    assert (got.images - expected).abs().max() <= TOL
