@@ -19,7 +19,6 @@ downloaded file cannot run code. `load_stable_diffusion` loads a whole Stable Di
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.diffusion import NoiseSchedule
-from minisd.errors import MinisdError
+from minisd.errors import MinisdError, read_json_object
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
 
@@ -342,12 +341,7 @@ def read_component(folder, variant: str | None = None) -> tuple[dict, dict[str, 
     if not config_file.is_file():
         raise MinisdError(f"{config_file} not found; {str(folder)!r} is not a diffusers model folder "
                           f"(config.json + {' or '.join(WEIGHT_FILES)})")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinisdError(f"{config_file} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise MinisdError(f"{config_file} does not hold a JSON object")
+    config = read_json_object(config_file)
     names = [name.replace(".safetensors", f".{variant}.safetensors") if variant else name for name in WEIGHT_FILES]
     weights = next((folder / name for name in names if (folder / name).is_file()), None)
     if weights is None:
@@ -441,16 +435,6 @@ def schedule_from_diffusers(config: dict) -> tuple[NoiseSchedule, dict]:
     return schedule, options
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinisdError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MinisdError(f"{path} does not hold a JSON object")
-    return data
-
-
 def load_stable_diffusion(folder, dtype: torch.dtype = torch.float32, device="cpu", variant: str | None = None):
     """A diffusers-format Stable Diffusion 1.x/2.x folder (model_index.json, unet/, vae/,
     text_encoder/, tokenizer/, scheduler/) → minisd's `StableDiffusion`, set up to compute what
@@ -462,7 +446,7 @@ def load_stable_diffusion(folder, dtype: torch.dtype = torch.float32, device="cp
     from minisd.tokenizer import BPETokenizer
 
     folder = Path(folder)
-    index = _read_json_object(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     kind = index.get("_class_name")
     if kind != "StableDiffusionPipeline":
         raise MinisdError(f"{folder / 'model_index.json'} describes a {kind!r}; minisd loads "
@@ -475,12 +459,12 @@ def load_stable_diffusion(folder, dtype: torch.dtype = torch.float32, device="cp
         raise MinisdError(f"{str(folder)!r} is not a complete Stable Diffusion folder: {'; '.join(parts)}")
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         raise MinisdError(f"{folder / 'scheduler' / 'scheduler_config.json'} not found")
-    schedule, options = schedule_from_diffusers(_read_json_object(folder / "scheduler" / "scheduler_config.json"))
+    schedule, options = schedule_from_diffusers(read_json_object(folder / "scheduler" / "scheduler_config.json"))
     unet = load_unet(folder / "unet", dtype, device, variant)
     vae = load_vae(folder / "vae", dtype, device, variant)
     text_encoder = load_text_encoder(folder / "text_encoder", dtype, device, variant=variant)
     tokenizer = BPETokenizer.from_folder(folder / "tokenizer")
-    sample_size = _read_json_object(folder / "unet" / "config.json").get("sample_size")
+    sample_size = read_json_object(folder / "unet" / "config.json").get("sample_size")
     if not isinstance(sample_size, int):
         raise MinisdError(f"{folder / 'unet' / 'config.json'} gives no integer sample_size (the latent side), "
                           f"got {sample_size!r}")

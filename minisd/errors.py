@@ -49,3 +49,19 @@ def check_count(name: str, n, low: int = 1, high: int | None = None) -> int:
         allowed = f"an integer from {low} to {high}" if high is not None else f"an integer ≥ {low}"
         raise MinisdError(f"{name} {n!r} is not allowed; use {allowed}")
     return n
+
+
+def read_json_object(path) -> dict:
+    """The JSON object in file `path`; `MinisdError` naming the file if it is not valid JSON or
+    not an object (a list, a number)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinisdError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MinisdError(f"{path} does not hold a JSON object")
+    return data

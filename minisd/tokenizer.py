@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minisd.errors import MinisdError
+from minisd.errors import MinisdError, read_json_object
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -200,10 +200,10 @@ class BPETokenizer:
                 if not (folder / name).is_file():
                     raise MinisdError(f"{str(folder / name)!r} not found; a tokenizer folder holds vocab.json and "
                                       f"merges.txt (or tokenizer.json)")
-            vocab = _read_json(folder / "vocab.json")
+            vocab = read_json_object(folder / "vocab.json")
             merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8"), folder / "merges.txt")
         else:
-            model = _read_json(folder / "tokenizer.json").get("model", {})
+            model = read_json_object(folder / "tokenizer.json").get("model", {})
             if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>" or \
                     not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
                 raise MinisdError(f"{str(folder / 'tokenizer.json')!r} is not CLIP's byte-pair tokenizer")
@@ -212,7 +212,7 @@ class BPETokenizer:
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # special_tokens_map.json has the last word
             if (folder / name).is_file():
-                settings.update(_read_json(folder / name))
+                settings.update(read_json_object(folder / name))
         pad = settings.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad  # saved either as text or as an AddedToken
         if max_length is None:
@@ -298,16 +298,6 @@ class BPETokenizer:
             if token.endswith("</w>"):
                 out += b" "
         return out.decode("utf-8", errors="replace").strip()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinisdError(f"{str(path)!r} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MinisdError(f"{str(path)!r} does not hold a JSON object")
-    return data
 
 
 def _read_merges(text: str, where) -> list[tuple[str, str]]:

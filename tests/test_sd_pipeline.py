@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from test_convert import randomise  # the same noise on every weight
 
 from minisd import MinisdError
 from minisd.cli import main
@@ -45,16 +46,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def randomise(model, seed):
-    """Add noise to every weight, so zero or one initialisations cannot hide a mistake."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        scale = p[0].numel() ** -0.5 if p.ndim > 1 else 0.1
-        p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def tiny_tokenizer(folder, pad_token):
