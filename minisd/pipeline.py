@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minisd.diffusion import PREDICTION_TYPES, STANDARD_BETAS, NoiseSchedule
@@ -461,7 +462,10 @@ class StableDiffusion:
         return prompts, guidance_scale, s, (context, mask, uncond, uncond_mask)
 
     @torch.no_grad()
-    def _denoise(self, latents, sampler, start: int, texts, guidance_scale, generator, callback, progress):
+    def _denoise(self, latents, sampler, start: int, texts, guidance_scale, generator, callback, progress,
+                 after_step=None):
+        """Steps start … N − 1 from `latents`; after_step(i, latents) → latents, if given, edits the
+        latents each step leaves (inpainting puts the kept part of the image back there)."""
         timesteps = sampler.timesteps.tolist()[start:]
         sampler.begin(start)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start):
@@ -469,7 +473,7 @@ class StableDiffusion:
             out = sampler.step(eps, t, latents, generator=generator)
             if callback is not None:
                 callback(StepInfo(i, t, latents, out.pred_original_sample, eps, out.prev_sample))
-            latents = out.prev_sample
+            latents = out.prev_sample if after_step is None else after_step(i, out.prev_sample)
         return latents
 
     def __call__(self, prompts, num_images: int = 1, num_inference_steps: int = 50, guidance_scale: float = 4.0,
@@ -495,6 +499,16 @@ class StableDiffusion:
                           progress)
         return SDOutput(self.decode(z), z, prompts)
 
+    def _check_image(self, image) -> torch.Tensor:
+        """An image (3, H, W) or a batch (N, 3, H, W) of this model's size → the batch."""
+        if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+            raise MinisdError("image must be a tensor (3, H, W) or (N, 3, H, W)")
+        image = image[None] if image.ndim == 3 else image
+        if tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
+            raise MinisdError(f"image of shape {tuple(image.shape[1:])}; this model makes "
+                              f"(3, {self.image_size}, {self.image_size})")
+        return image
+
     def img2img(self, image: torch.Tensor, prompts, strength: float = 0.6, num_inference_steps: int = 50,
                 guidance_scale: float = 4.0, sampler: str = "ddim", seed: int = 0,
                 callback: Callable[[StepInfo], None] | None = None, progress: bool = False,
@@ -506,12 +520,7 @@ class StableDiffusion:
 
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise MinisdError(f"strength {strength!r} is not allowed; use a number in (0, 1]")
-        if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
-            raise MinisdError("image must be a tensor (3, H, W) or (N, 3, H, W)")
-        image = image[None] if image.ndim == 3 else image
-        if tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
-            raise MinisdError(f"image of shape {tuple(image.shape[1:])}; this model makes "
-                              f"(3, {self.image_size}, {self.image_size})")
+        image = self._check_image(image)
         prompts, guidance_scale, s, texts = self._prepare(prompts, len(image), guidance_scale, num_inference_steps,
                                                           sampler, negative_prompt)  # each prompt per image
         z0 = self.encode(image).repeat(len(prompts) // len(image), 1, 1, 1)
@@ -521,4 +530,54 @@ class StableDiffusion:
         noise = torch.randn(z0.shape, generator=generator).to(self.device, z0.dtype)
         z = self.schedule.add_noise(z0, noise, torch.full((len(z0),), t0, dtype=torch.long))
         z = self._denoise(z, s, start, texts, guidance_scale, generator, callback, progress)
+        return SDOutput(self.decode(z), z, prompts)
+
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, prompts, num_inference_steps: int = 50,
+                guidance_scale: float = 4.0, sampler: str = "ddim", seed: int = 0,
+                callback: Callable[[StepInfo], None] | None = None, progress: bool = False,
+                negative_prompt: str | list[str] | None = None) -> SDOutput:
+        """Repaint the masked part of `image` to fit the prompt and keep the rest, by latent blending
+        (the inpainting of Stable Diffusion's own scripts with a text-to-image model; RePaint,
+        Lugmayr et al. 2022, without its resampling): sampling starts from pure noise, and after
+        every step the latents outside the mask are replaced by the image's latents noised to the
+        timestep that step reached — after the last step, by the image's latents themselves.
+
+        image: (3, H, W) or (N, 3, H, W), uint8 or floats in [0, 1]. mask: (H, W), (N, H, W) or
+        (N, 1, H, W), True (or 1) where the image is to be repainted. A latent pixel is repainted
+        when any image pixel it covers is. The kept part comes back through the VAE (its
+        reconstruction of the image), not pasted pixel for pixel. Other arguments as in `__call__`;
+        one output per image and prompt, and the same seed gives `__call__`'s image where the
+        mask covers everything.
+        """
+        image = self._check_image(image)
+        if not isinstance(mask, torch.Tensor):
+            raise MinisdError(f"mask must be a tensor (H, W), (N, H, W) or (N, 1, H, W), got {type(mask).__name__}")
+        m = mask.float()
+        m = m.reshape(1, 1, *m.shape) if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+        if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != tuple(image.shape[2:]) or \
+                m.shape[0] not in (1, len(image)):
+            raise MinisdError(f"mask of shape {tuple(mask.shape)} does not fit images of shape "
+                              f"{tuple(image.shape)}; give (H, W), (N, H, W) or (N, 1, H, W) with H, W "
+                              f"= {tuple(image.shape[2:])}")
+        if ((m != 0) & (m != 1)).any():
+            raise MinisdError("mask values must be 0 (keep) or 1 (repaint), or False and True")
+        prompts, guidance_scale, s, texts = self._prepare(prompts, len(image), guidance_scale, num_inference_steps,
+                                                          sampler, negative_prompt)
+        rounds = len(prompts) // len(image)  # _prepare's rows: every image for the first prompt, then the next
+        z0 = self.encode(image).repeat(rounds, 1, 1, 1)
+        repaint = F.adaptive_max_pool2d(m.to(z0.device), z0.shape[-2:]).expand(len(image), -1, -1, -1)
+        repaint = repaint.repeat(rounds, 1, 1, 1).to(z0.dtype)  # (B, 1, h, w) at the latent size
+        generator = torch.Generator().manual_seed(check_seed(seed))
+        noise = torch.randn(z0.shape, generator=generator).to(self.device, z0.dtype)  # as __call__ draws it
+        timesteps = s.timesteps.tolist()
+
+        def keep(i, z):
+            if i + 1 == len(timesteps):
+                known = z0  # the last step reaches the clean image
+            else:
+                known = self.schedule.add_noise(z0, noise, torch.full((len(z0),), timesteps[i + 1], dtype=torch.long))
+            return repaint * z + (1 - repaint) * known
+
+        z = keep(-1, noise)  # the kept part starts at the first step's noise level
+        z = self._denoise(z, s, 0, texts, guidance_scale, generator, callback, progress, after_step=keep)
         return SDOutput(self.decode(z), z, prompts)

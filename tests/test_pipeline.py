@@ -101,6 +101,42 @@ def test_img2img_keeps_the_image_at_low_strength_and_starts_part_way(sd):
         sd.img2img(torch.zeros(3, 16, 16), PROMPT)
 
 
+def test_inpaint_keeps_what_the_mask_keeps_and_repaints_the_rest(sd):
+    from minisd.data import Shapes
+
+    images = Shapes("test", 2, seed=0).images
+    z0 = sd.encode(images)
+    S = sd.image_size
+    # nothing to repaint: the latents come back as the image's own, exactly
+    kept = sd.inpaint(images, torch.zeros(S, S, dtype=torch.bool), PROMPT, num_inference_steps=5)
+    assert torch.equal(kept.latents, z0)
+    # everything repainted: the text-to-image sample of the same seed, exactly
+    full = sd.inpaint(images[0], torch.ones(S, S), PROMPT, num_inference_steps=5, seed=3)
+    assert torch.equal(full.latents, sd(PROMPT, num_inference_steps=5, seed=3).latents)
+    # the right half repainted, for two prompts: the left half's latents are the image's, the right half's not
+    mask = torch.zeros(S, S)
+    mask[:, S // 2:] = 1
+    seen = []
+    half = sd.inpaint(images, mask, [PROMPT, "a blue square"], num_inference_steps=5, callback=seen.append,
+                      negative_prompt="a green triangle")
+    w = z0.shape[-1]
+    assert len(seen) == 5 and half.latents.shape == (4, *z0.shape[1:])
+    assert torch.equal(half.latents[..., : w // 2], z0.repeat(2, 1, 1, 1)[..., : w // 2])
+    assert (half.latents[..., w // 2:] - z0.repeat(2, 1, 1, 1)[..., w // 2:]).abs().mean() > 0.1
+    # one pixel of the mask repaints the whole latent pixel that covers it
+    one = torch.zeros(S, S)
+    one[0, 0] = 1
+    corner = sd.inpaint(images[0], one, PROMPT, num_inference_steps=5)
+    changed = (corner.latents != sd.encode(images[:1])).any(1)[0]  # the same batch of one, to the bit
+    assert changed[0, 0] and changed.sum() == 1
+    with pytest.raises(MinisdError, match="mask of shape"):
+        sd.inpaint(images, torch.ones(S // 2, S // 2), PROMPT)
+    with pytest.raises(MinisdError, match="0 \\(keep\\) or 1"):
+        sd.inpaint(images, torch.full((S, S), 0.5), PROMPT)
+    with pytest.raises(MinisdError, match="mask must be a tensor"):
+        sd.inpaint(images, [[1]], PROMPT)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"guidance_scale": -1.0}, "guidance scale -1.0"),
     ({"guidance_scale": math.nan}, "guidance scale nan"),
