@@ -386,10 +386,14 @@ class StableDiffusion:
         return self.vae.latent_shape(self.image_size)
 
     # --- the parts of a sampling run ---
-    def encode_prompt(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts → (context (B, L, D), the U-Net's cross-attention mask (B, L)): True for real
+        tokens, or None with mask_padding=False (Stable Diffusion's U-Net reads every position,
+        padding included)."""
         from minisd.clip import check_prompts
 
-        return encode_prompts(self.text_encoder, self.tokenizer, check_prompts(prompts), self.device)
+        context, mask = encode_prompts(self.text_encoder, self.tokenizer, check_prompts(prompts), self.device)
+        return context, mask if self.mask_padding else None
 
     @torch.no_grad()
     def predict_noise(self, latents, t: int, context, mask, uncond_context, uncond_mask, guidance_scale: float):
@@ -455,11 +459,8 @@ class StableDiffusion:
         s = self.make_sampler(sampler, num_inference_steps)
         prompts = [p for p in prompts for _ in range(num_images)]
         negative = [p for p in negative for _ in range(num_images)]
-        context, mask = self.encode_prompt(prompts)
-        uncond, uncond_mask = self.encode_prompt(negative)  # the negative prompt replaces ""
-        if not self.mask_padding:  # Stable Diffusion's U-Net reads every position, padding included
-            mask = uncond_mask = None
-        return prompts, guidance_scale, s, (context, mask, uncond, uncond_mask)
+        texts = (*self.encode_prompt(prompts), *self.encode_prompt(negative))  # the negative prompt replaces ""
+        return prompts, guidance_scale, s, texts
 
     @torch.no_grad()
     def _denoise(self, latents, sampler, start: int, texts, guidance_scale, generator, callback, progress,

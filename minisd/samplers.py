@@ -76,7 +76,6 @@ class _Sampler:
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
         T = schedule.num_train_timesteps
         self.num_inference_steps = T if num_inference_steps is None else num_inference_steps
         self.timesteps = make_timesteps(T, self.num_inference_steps, timestep_spacing, steps_offset)

@@ -66,6 +66,10 @@ class Tokenizer:
             ids = ids[: self.max_length - 2]
         return [self.start_id, *ids, self.end_id]
 
+    def tokens(self, text: str) -> list[str]:
+        """The words the text encoder reads for `text`, one per position, <start> and <end> included."""
+        return [self.vocab[i] for i in self.encode(text)]
+
     def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts → (ids (B, max_length) long, mask (B, max_length) bool, True for real tokens)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -268,6 +272,20 @@ class BPETokenizer:
             ids += [self.vocab[t] for t in self.merge(chars)]
         return ids
 
+    def sequence(self, text: str) -> list[int]:
+        """<|startoftext|>, the text's ids cut to max_length − 2 (with a warning), <|endoftext|>."""
+        body = self.encode(text)
+        if len(body) > self.max_length - 2:
+            warnings.warn(f"prompt of {len(body)} tokens cut to {self.max_length - 2} "
+                          f"(max_length {self.max_length}): {text[:60]!r}", stacklevel=3)
+            body = body[: self.max_length - 2]
+        return [self.start_id, *body, self.end_id]
+
+    def tokens(self, text: str) -> list[str]:
+        """The pieces the text encoder reads for `text`, one per position up to <|endoftext|>,
+        without their end-of-word mark ('cat</w>' → 'cat')."""
+        return [self.ids_to_tokens[i].removesuffix("</w>") for i in self.sequence(text)]
+
     def __len__(self) -> int:
         return len(self.vocab)
 
@@ -277,12 +295,7 @@ class BPETokenizer:
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(texts), self.max_length, dtype=torch.bool)
         for row, text in enumerate(texts):
-            body = self.encode(text)
-            if len(body) > self.max_length - 2:
-                warnings.warn(f"prompt of {len(body)} tokens cut to {self.max_length - 2} "
-                              f"(max_length {self.max_length}): {text[:60]!r}", stacklevel=2)
-                body = body[: self.max_length - 2]
-            seq = [self.start_id, *body, self.end_id]
+            seq = self.sequence(text)
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = True
         return ids, mask

@@ -134,7 +134,7 @@ def record_trajectory(sd, prompt: str, *, seed: int = 0, num_inference_steps: in
     attended = prompt if float(guidance_scale) != 0.0 else ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a cut caption was already reported by the sampling run
-        tokens = prompt_tokens(sd.tokenizer, attended)
+        tokens = sd.tokenizer.tokens(attended)
     latents = torch.cat([torch.cat([s.latents for s in steps]), out.latents]).float().cpu()
     pred = torch.cat([s.pred_original for s in steps]).float().cpu()
     return Trajectory(
@@ -144,17 +144,6 @@ def record_trajectory(sd, prompt: str, *, seed: int = 0, num_inference_steps: in
         images=sd.decode(latents).cpu(), pred_images=sd.decode(pred).cpu(), tokens=tokens,
         attention={name: torch.stack(v)[:, : len(tokens)] for name, v in maps.items()},
     )
-
-
-def prompt_tokens(tokenizer, text: str) -> list[str]:
-    """The tokens the text encoder reads for `text`, one per position, the start and end tokens
-    included: the word tokenizer's words, or the BPE tokenizer's pieces without their end-of-word
-    mark ('cat</w>' → 'cat'), cut at the tokenizer's max_length."""
-    ids = tokenizer.encode(text)
-    if hasattr(tokenizer, "ids_to_tokens"):  # BPETokenizer: its encode leaves out the start and end tokens
-        ids = [tokenizer.start_id, *ids[: tokenizer.max_length - 2], tokenizer.end_id]  # as its __call__ cuts
-        return [tokenizer.ids_to_tokens[i].removesuffix("</w>") for i in ids]
-    return [tokenizer.vocab[i] for i in ids]  # Tokenizer: vocab is the list of words; encode cuts
 
 
 BRANCH_SAMPLERS = ("ddpm", "ddim")
@@ -199,10 +188,7 @@ def continue_from(sd, latents: torch.Tensor, step: int, prompts, *, num_inferenc
     s = sd.make_sampler(sampler, num_inference_steps, eta=(0.0 if eta is None else eta) if sampler == "ddim" else None)
     check_count("step", step, 0, s.num_inference_steps)
     generator = torch.Generator().manual_seed(check_seed(seed))
-    (context, mask), (uncond, uncond_mask) = sd.encode_prompt(prompts), sd.encode_prompt([""] * len(prompts))
-    if not sd.mask_padding:  # as sd(...): Stable Diffusion's U-Net reads every position, padding included
-        mask = uncond_mask = None
-    texts = (context, mask, uncond, uncond_mask)
+    texts = (*sd.encode_prompt(prompts), *sd.encode_prompt([""] * len(prompts)))
     z = sd._denoise(latents.to(sd.device), s, step, texts, guidance_scale, generator, callback, progress)
     return SDOutput(sd.decode(z), z, prompts)
 

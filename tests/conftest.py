@@ -12,3 +12,14 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "nested" / "tiny"  # train makes the missing parent too
     assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than on threads waiting on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
