@@ -5,6 +5,7 @@
     minisd sample --run runs/cpu --prompt "…" --out grid.png           a captioned grid of samples
     minisd eval   --run runs/cpu                  print (and store) each component's figures
     minisd export --run runs/cpu --out DIR        the sampling parts, weights in float16, to ship
+                                                  (also turns a diffusers SD folder into a run folder)
     minisd bench  [SUITE …] [--preset cpu] [--quick]  speed figures on this machine (table + bench.json)
     minisd student [NOTEBOOK …] --out student/    the notebooks without their solution cells
 
@@ -118,9 +119,12 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from minisd.runs import export_run
 
-    export_run(args.run, args.out, args.dtype)
-    print(f"load it with StableDiffusion.from_pretrained({str(args.out)!r}); measure it with "
-          f"`minisd eval --run {args.out}`")
+    out = export_run(args.run, args.out, args.dtype)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    measured = config.get("dataset") == "shapes" or config.get("dataset") in EMOJI_DATASETS  # `minisd eval` has a judge
+    print(f"load it with StableDiffusion.from_pretrained({str(args.out)!r})"
+          + (f"; measure it with `minisd eval --run {args.out}`" if measured else
+             f"; sample with `minisd sample --run {args.out} --prompt \"…\" --out grid.png`"))
 
 
 def cmd_bench(args) -> None:
@@ -202,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     x = sub.add_parser("export", help="copy a run's sampling parts into a new folder, weights in float16")
-    x.add_argument("--run", required=True, help="run folder written by `minisd train`")
+    x.add_argument("--run", required=True,
+                   help="run folder written by `minisd train`, or a diffusers Stable Diffusion 1.x/2.x folder "
+                        "(it becomes a minisd run folder)")
     x.add_argument("--out", required=True, help="new folder to write")
     x.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
     x.set_defaults(func=cmd_export)

@@ -305,7 +305,7 @@ class StableDiffusion:
         `minisd.convert.load_stable_diffusion`). dtype: e.g. torch.float16 for the weights
         (default: float32 as saved)."""
         from minisd.clip import TextEncoder
-        from minisd.tokenizer import Tokenizer
+        from minisd.tokenizer import BPETokenizer, Tokenizer
         from minisd.train import pick_device
         from minisd.vae import VAE
 
@@ -319,8 +319,9 @@ class StableDiffusion:
             from minisd.convert import load_stable_diffusion
 
             return load_stable_diffusion(path, dtype=dtype or torch.float32, device=pick_device(device))
-        missing = [p for p in ("config.json", "tokenizer.json", "vae", "text_encoder", "unet")
-                   if not (path / p).exists()]
+        missing = [p for p in ("config.json", "vae", "text_encoder", "unet") if not (path / p).exists()]
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer").is_dir():
+            missing.insert(1, "tokenizer.json")
         if missing:
             raise MinisdError(f"run folder {str(path)!r} is incomplete (no {', '.join(missing)}); finish it with "
                               f"`minisd train --out {path} --resume`")
@@ -333,9 +334,12 @@ class StableDiffusion:
             options = {key: pipe[key] for key in PIPELINE_OPTIONS if key in pipe}
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise MinisdError(f"{path / 'config.json'} is not a minisd run config ({e})") from None
-        sd = cls(VAE.from_pretrained(path / "vae"), TextEncoder.from_pretrained(path / "text_encoder"),
-                 Tokenizer.load(path / "tokenizer.json"), UNet.from_pretrained(path / "unet"), schedule, image_size,
-                 **options)
+        # minisd's word-level tokenizer (tokenizer.json), or CLIP's byte-pair one as a tokenizer/ folder
+        # (a Stable Diffusion model exported with `minisd export`)
+        tokenizer = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else \
+            BPETokenizer.from_folder(path / "tokenizer")
+        sd = cls(VAE.from_pretrained(path / "vae"), TextEncoder.from_pretrained(path / "text_encoder"), tokenizer,
+                 UNet.from_pretrained(path / "unet"), schedule, image_size, **options)
         return sd.to(pick_device(device), dtype)
 
     def pipeline_config(self) -> dict:
@@ -343,14 +347,13 @@ class StableDiffusion:
                 **{key: getattr(self, key) for key in PIPELINE_OPTIONS}}
 
     def save_pretrained(self, path) -> None:
-        """Write the model as a run folder (config.json, tokenizer.json, vae/, text_encoder/, unet/)."""
+        """Write the model as a run folder: config.json, vae/, text_encoder/, unet/ and the
+        tokenizer — tokenizer.json for minisd's word-level one, a tokenizer/ folder (vocab.json,
+        merges.txt) for CLIP's byte-pair one."""
         from minisd.runs import write_json
-        from minisd.tokenizer import Tokenizer
+        from minisd.tokenizer import BPETokenizer
 
         path = Path(path)
-        if not isinstance(self.tokenizer, Tokenizer):
-            raise MinisdError(f"this model's tokenizer is a {type(self.tokenizer).__name__}; save_pretrained writes "
-                              f"minisd's word-level tokenizer only (a Stable Diffusion folder is loaded where it is)")
         if path.exists() and not path.is_dir():
             raise MinisdError(f"{str(path)!r} is a file, not a folder")
         if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
@@ -361,7 +364,7 @@ class StableDiffusion:
         self.vae.save_pretrained(path / "vae")
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.unet.save_pretrained(path / "unet")
-        self.tokenizer.save(path / "tokenizer.json")
+        self.tokenizer.save(path / ("tokenizer" if isinstance(self.tokenizer, BPETokenizer) else "tokenizer.json"))
         write_json(path / "config.json", {"pipeline": self.pipeline_config(),
                                           "stages": {"vae": asdict(self.vae.config),
                                                      "unet": asdict(self.unet.config)}})

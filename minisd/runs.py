@@ -18,7 +18,10 @@ where a good one stood. `minisd train` and `minisd eval` are thin wrappers aroun
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -371,10 +374,13 @@ EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def export_run(run, out, dtype: str = "float16", log=print) -> Path:
-    """Write what sampling needs from run folder `run` — config.json, tokenizer.json, metrics.json,
-    vae/, text_encoder/, unet/ — into a new folder `out`, with the weights stored as `dtype`
-    (loading casts them back to float32). This is how a trained model is shipped: float16 halves
-    the files and changes the sampled images by less than the eye can see."""
+    """Write what sampling needs from `run` — config.json, the tokenizer, metrics.json, vae/,
+    text_encoder/, unet/ — into a new folder `out`, with the weights stored as `dtype` (loading
+    casts them back to float32). `run` is a run folder of `minisd train` or a diffusers-format
+    Stable Diffusion folder, which becomes a minisd run folder (its pipeline settings in
+    config.json, CLIP's tokenizer as tokenizer/). This is how a trained model is shipped: float16
+    halves the files and changes the sampled images by less than the eye can see. The folder is
+    written beside `out` and renamed into place at the end: an interrupted export leaves no `out`."""
     from minisd.pipeline import StableDiffusion
 
     check_choice("dtype", dtype, EXPORT_DTYPES)
@@ -387,13 +393,26 @@ def export_run(run, out, dtype: str = "float16", log=print) -> Path:
     cast = getattr(torch, dtype)
     for module in (sd.vae, sd.text_encoder, sd.unet):
         module.to(cast)
-    sd.save_pretrained(out)
-    config = read_json(run / "config.json")  # the run's own, with its preset, seed and every stage's config
-    config["exported"] = {"from": str(run), "dtype": dtype}
-    write_json(out / "config.json", config)
-    metrics = read_json(run / "metrics.json", missing={})
-    metrics.pop("eval", None)  # figures belong to the weights they were measured on: evaluate the export
-    write_json(out / "metrics.json", metrics)
+    diffusers_folder = (run / "model_index.json").is_file()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        sd.save_pretrained(tmp)
+        # a run's own config.json has its preset, seed and every stage's config; a diffusers folder's
+        # settings are those save_pretrained wrote (schedule, image size, the pipeline options)
+        config = read_json(tmp / "config.json") if diffusers_folder else read_json(run / "config.json")
+        config["exported"] = {"from": str(run), "dtype": dtype,
+                              "format": "diffusers Stable Diffusion folder" if diffusers_folder else "minisd run"}
+        write_json(tmp / "config.json", config)
+        metrics = read_json(run / "metrics.json", missing={})
+        metrics.pop("eval", None)  # figures belong to the weights they were measured on: evaluate the export
+        write_json(tmp / "metrics.json", metrics)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        os.replace(tmp, out)  # `out` is absent or an empty folder: the rename replaces it whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"exported {run} to {out} ({dtype} weights, {size / 1e6:.1f} MB)")
     return out

@@ -166,7 +166,8 @@ class BPETokenizer:
         if missing:
             raise MinisdError(f"the vocabulary lacks {len(missing)} token(s) its merges make, e.g. {missing[:3]}")
         self.ids_to_tokens = {i: t for t, i in self.vocab.items()}
-        self.rank = {pair: r for r, pair in enumerate(merges)}
+        self.merges = [tuple(m) for m in merges]
+        self.rank = {pair: r for r, pair in enumerate(self.merges)}
         self.byte_char = byte_alphabet()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
         self.max_length = max_length
@@ -224,6 +225,22 @@ class BPETokenizer:
             # tokenizers without a limit store a huge number here
             max_length = length if isinstance(length, int) and 2 <= length <= 4096 else BPE_MAX_LENGTH
         return cls(merges, max_length, vocab, pad_token=None if pad == BPE_END else pad)
+
+    def save(self, folder) -> None:
+        """Write the tokenizer as a diffusers `tokenizer/` folder — vocab.json, merges.txt and
+        tokenizer_config.json (sequence length, pad token) — which `from_folder` and transformers'
+        `CLIPTokenizer` read back."""
+        from minisd.checkpoint import atomic_write
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "bos_token": BPE_START,
+                  "eos_token": BPE_END, "unk_token": BPE_END, "pad_token": self.pad_token or BPE_END}
+        files = {"vocab.json": json.dumps(self.vocab, ensure_ascii=False),
+                 "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
+                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
+        for name, text in files.items():
+            atomic_write(folder / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
 
     # -- text → tokens --------------------------------------------------------------------------
     def clean(self, text: str) -> str:

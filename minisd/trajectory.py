@@ -34,6 +34,7 @@ from minisd.attention import MultiHeadAttention
 from minisd.errors import MinisdError
 
 MEAN_LAYER = "mean of all layers"
+PADDING = "({} padding)"  # the name of the padding positions' summed attention
 ANIMATION_SUFFIXES = (".gif", ".html")
 
 
@@ -50,7 +51,9 @@ class Trajectory:
     noise_pred: torch.Tensor  # (N, c, h, w), the guided ε̂
     images: torch.Tensor  # (N + 1, 3, H, W) in [0, 1]: the latents decoded
     pred_images: torch.Tensor  # (N, 3, H, W) in [0, 1]: the predicted clean latents decoded
-    tokens: list[str]  # the tokens the conditional pass attends to, <start> … <end>
+    # the tokens the conditional pass attends to, <start> … <end>; a model that reads the padding too
+    # (Stable Diffusion: mask_padding=False) has one more entry, PADDING.format(n), for the n padding positions
+    tokens: list[str]
     attention: dict[str, torch.Tensor]  # layer → (N, tokens, h_layer, w_layer); each pixel's row sums to 1
 
     @property
@@ -135,6 +138,15 @@ def record_trajectory(sd, prompt: str, *, seed: int = 0, num_inference_steps: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a cut caption was already reported by the sampling run
         tokens = sd.tokenizer.tokens(attended)
+    n, padding = len(tokens), sd.tokenizer.max_length - len(tokens)
+    if sd.mask_padding or not padding:
+        def kept(a):  # (N, L, h, w) → the real tokens' maps (the padding got no attention)
+            return a[:, :n]
+    else:  # the U-Net also read the padding: its positions' attention summed into one map, so rows still sum to 1
+        tokens = [*tokens, PADDING.format(padding)]
+
+        def kept(a):
+            return torch.cat([a[:, :n], a[:, n:].sum(1, keepdim=True)], 1)
     latents = torch.cat([torch.cat([s.latents for s in steps]), out.latents]).float().cpu()
     pred = torch.cat([s.pred_original for s in steps]).float().cpu()
     return Trajectory(
@@ -142,7 +154,7 @@ def record_trajectory(sd, prompt: str, *, seed: int = 0, num_inference_steps: in
         guidance_scale=float(guidance_scale), timesteps=[int(s.t) for s in steps], latents=latents,
         pred_original=pred, noise_pred=torch.cat([s.noise_pred for s in steps]).float().cpu(),
         images=sd.decode(latents).cpu(), pred_images=sd.decode(pred).cpu(), tokens=tokens,
-        attention={name: torch.stack(v)[:, : len(tokens)] for name, v in maps.items()},
+        attention={name: kept(torch.stack(v)) for name, v in maps.items()},
     )
 
 
@@ -269,8 +281,12 @@ OUTLINE = (0.0, 0.9, 1.0)  # cyan: absent from the magma colour map, so the outl
 
 def object_outline(image: np.ndarray, threshold: float = 0.3, width: int = 2) -> np.ndarray:
     """(H, W) bool: the rim, `width` pixels wide, of the object in an (H, W, 3) image in [0, 1] — the
-    pixels whose brightest channel exceeds `threshold` (the background is black) next to one that does not."""
+    pixels whose brightest channel exceeds `threshold` (the background is black) next to one that does not.
+    An image that is bright over more than half its area has no dark background (a photograph, not a
+    Shapes image): no outline."""
     inside = image.max(-1) > threshold
+    if inside.mean() > 0.5:
+        return np.zeros_like(inside)
     inner = inside.copy()
     for _ in range(width):  # erode by one pixel (4-neighbourhood), `width` times
         p = np.pad(inner, 1, constant_values=False)
@@ -322,8 +338,9 @@ def render_frame(traj: Trajectory, frame: int, layer: str = MEAN_LAYER, max_widt
     if small:
         y += label_h + PANEL + PAD
         where = "mean of all layers" if layer == MEAN_LAYER else f"layer {layer}"
-        draw.text((PAD, y), f"cross attention of each token ({where}, mean over heads; share of all attention; "
-                  "cyan: the object in the predicted image)",
+        outlined = object_outline(_rgb(pred)).any()
+        draw.text((PAD, y), f"cross attention of each token ({where}, mean over heads; share of all attention"
+                  + ("; cyan: the object in the predicted image)" if outlined else ")"),
                   font=font, fill=_INK)
         y += 14
         for i, (label, img) in enumerate(small):

@@ -102,6 +102,25 @@ def noising_explorer(images: torch.Tensor, num_train_timesteps: int = 1000, seed
 
 # --- the denoising explorer (chapter 8) ---------------------------------------------------------
 
+def prompt_notes(tokenizer, prompt: str) -> list[str]:
+    """What the model will not read of `prompt`: words outside a word-level vocabulary (read as
+    <unk>), and anything beyond max_length − 2 tokens (cut). CLIP's byte-pair tokenizer has no
+    unknown words: any text is some sequence of its byte-level tokens."""
+    from minisd.tokenizer import BPETokenizer, split_words
+
+    if isinstance(tokenizer, BPETokenizer):
+        unknown, count, unit = [], len(tokenizer.encode(prompt)), "tokens"
+    else:
+        words = split_words(prompt)
+        unknown, count, unit = [w for w in words if w not in tokenizer.ids], len(words), "words"
+    notes = []
+    if unknown:
+        notes.append(f"not in the model's vocabulary, read as <unk>: {', '.join(dict.fromkeys(unknown))}")
+    if count > tokenizer.max_length - 2:
+        notes.append(f"the prompt was cut to its first {tokenizer.max_length - 2} {unit} (it has {count})")
+    return notes
+
+
 class DenoisingExplorer(widgets.VBox):
     """Type a prompt, press Run, scrub through the denoising. See `denoising_explorer`.
 
@@ -197,7 +216,6 @@ class DenoisingExplorer(widgets.VBox):
         are on show already and not `force`d). Bad input leaves the last run on show and explains
         itself in `message`; returns whether the settings ran."""
         from minisd.errors import MinisdError
-        from minisd.tokenizer import split_words
         from minisd.trajectory import record_trajectory
 
         runs = self.settings()
@@ -220,16 +238,7 @@ class DenoisingExplorer(widgets.VBox):
         finally:
             self.run_button.disabled = False
         self.trajectories, self._ran = trajs, runs
-        tok = self.sd.tokenizer
-        words = split_words(prompt)
-        unknown = [w for w in words if w not in tok.ids]
-        too_long = len(words) > tok.max_length - 2
-        notes = []
-        if unknown:
-            notes.append(f"not in the model's vocabulary, read as <unk>: {', '.join(dict.fromkeys(unknown))}")
-        if too_long:
-            notes.append(f"the prompt was cut to its first {tok.max_length - 2} words")
-        self._say("; ".join(notes), "note")
+        self._say("; ".join(prompt_notes(self.sd.tokenizer, prompt)), "note")
         last = max(t.num_inference_steps for t in trajs)
         with self.step_slider.hold_trait_notifications():
             self.step_slider.max = self.play.max = last

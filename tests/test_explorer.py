@@ -228,3 +228,5 @@ def test_object_outline_is_the_rim_of_the_bright_object():
     assert not rim[7:13, 6:12].any() and rim[5, 4:14].all() and rim[5:15, 13].all()
     assert not rim[:5].any() and not rim[:, :4].any()  # nothing outside the object
     assert not object_outline(np.full((8, 8, 3), 0.1)).any()  # nothing bright: no outline
+    image[:, :, 1] = 0.5  # bright everywhere (a photograph, not a Shapes image): no object to outline
+    assert not object_outline(image).any()
