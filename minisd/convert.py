@@ -276,6 +276,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         context_dim=context_dim, norm_groups=config.get("norm_num_groups", 32),
         projection="linear" if config.get("use_linear_projection", False) else "conv",
         norm_eps=config.get("norm_eps", 1e-5), attention_norm_eps=1e-6,  # diffusers' Transformer2DModel: 1e-6
+        # PyTorch's fused attention: the same numbers, without the (heads, 4096, 4096) matrix of 64×64 latents
+        fused_attention=True,
     )
 
 
