@@ -121,14 +121,15 @@ def prompt_notes(tokenizer, prompt: str) -> list[str]:
     return notes
 
 
-class DenoisingExplorer(widgets.VBox):
+class DenoisingExplorer(_SnapshotBox):
     """Type a prompt, press Run, scrub through the denoising. See `denoising_explorer`.
 
     The controls are attributes (`prompt`, `seed`, `steps`, `guidance`, `sampler`, `run_button`,
     `compare`, `sampler_b`, `steps_b`, `guidance_b`, `step_slider`, `play`, `layer`,
     `export_name`, `export_button`), so a test or a teacher's script can drive it; `trajectories`
-    holds the recorded runs, `frame` the picture on show (an (H, W, 3) uint8 array) and
-    `message` what went wrong, if anything.
+    holds the recorded runs, `frame` the picture on show (an (H, W, 3) uint8 array; `snapshot_png`
+    the same as PNG, which a saved notebook shows where widgets cannot run) and `message` what went
+    wrong, if anything.
     """
 
     def __init__(self, sd, prompt: str = "a large red circle in the center", seed: int = 0, steps: int = 50,
@@ -255,7 +256,7 @@ class DenoisingExplorer(widgets.VBox):
             return
         try:
             self.frame = render_side_by_side(self.trajectories, self.step_slider.value, self.layer.value)
-            self.image.value = png_bytes(self.frame)
+            self.image.value = self.snapshot_png = png_bytes(self.frame)  # (a saved notebook shows the snapshot)
         except Exception as e:  # noqa: BLE001
             self._say(f"could not draw this step ({type(e).__name__}): {e}")
 

@@ -2,6 +2,7 @@
 pipeline and closed forms, attention maps against a hand computation, and the widget driven
 through its controls, asserted on the pictures it produces."""
 
+import base64
 import html
 import math
 
@@ -111,6 +112,9 @@ def test_slider_run_sampler_guidance_and_layer_change_the_picture(sd):
     final = ex.frame.copy()
     np.testing.assert_array_equal(final, render_frame(ex.trajectories[0], 6))
     assert ex.image.value[:8] == b"\x89PNG\r\n\x1a\n"  # what the browser gets
+    bundle = ex._repr_mimebundle_()  # a live front end draws the widget, a saved notebook the same picture
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == ex.image.value == ex.snapshot_png
     ex.step_slider.value = 2
     np.testing.assert_array_equal(ex.frame, render_frame(ex.trajectories[0], 2))
     assert not np.array_equal(ex.frame, final)

@@ -6,7 +6,8 @@
 #
 # 1. trains the preset end to end as a user types it (data, VAE, CLIP, latents, U-Net), timed alone;
 # 2. evaluates it (prompt accuracy, FID with intervals) while every notebook runs in quick mode;
-# 3. runs `minisd bench unet mfu host` at the preset's sizes.
+# 3. runs `minisd bench unet mfu host` at the preset's sizes;
+# 4. on CUDA, times Stable Diffusion 1.5's real sizes (tools/sd_full_size.py: random weights, 512×512, 50 steps).
 # Everything lands in $OUT: train.log, eval.log, metrics.json, bench.json, bench.log, one
 # nb-NN.log per notebook, and summary.txt (what passed, and the figures). The package is used
 # from this tree (PYTHONPATH); wheels for what the machine lacks (nbval, ipykernel, ipywidgets,
@@ -22,9 +23,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 start=$(date +%s)
 say() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
 
-if [ -d wheels ]; then
+if [ -d wheels ]; then  # two groups: the second (chapter 11, CLIP's tokenizer) may be left out of ./wheels to save room
   $PY -m pip install -q --no-index --find-links wheels nbval ipykernel ipywidgets diffusers \
     > "$OUT/pip.log" 2>&1 && say "installed from ./wheels" || say "pip install from ./wheels failed (see pip.log)"
+  $PY -m pip install -q --no-index --find-links wheels transformers regex ftfy >> "$OUT/pip.log" 2>&1 \
+    && say "installed transformers, regex, ftfy from ./wheels" || say "no transformers/regex/ftfy (see pip.log)"
 fi
 { nvidia-smi 2>/dev/null || echo "no nvidia-smi"; $PY -c "import torch; print('torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"; } > "$OUT/machine.txt" 2>&1
@@ -64,9 +67,21 @@ $PY -m minisd bench unet mfu host --preset "$PRESET" --device auto --no-compile 
 rc_bench=$?
 say "bench: exit $rc_bench in $(( $(date +%s) - t3 )) s"
 
+# 4. Stable Diffusion 1.5 at its real size (random weights in SD 1.5's layout): float16 loading, export, sampling
+#    512×512 images in minisd (float32, bfloat16) and diffusers, 50 steps. On a CPU only with SD_CHECK=1 (minutes).
+rc_sd=0
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || [ "${SD_CHECK:-0}" = 1 ]; then
+  t4=$(date +%s)
+  timeout 420 $PY tools/sd_full_size.py --work "$OUT/sd15" --steps "${SD_STEPS:-50}" > "$OUT/sd15.log" 2>&1
+  rc_sd=$?
+  cp "$OUT/sd15/sd_full_size.json" "$OUT/" 2>/dev/null; rm -rf "$OUT/sd15"  # 4 GB of random weights
+  say "sd 1.5 layout: exit $rc_sd in $(( $(date +%s) - t4 )) s"
+fi
+
 { echo; echo "== training"; grep -E "precision|trained in|wrote" "$OUT/train.log"
   echo "== eval"; grep -v "it/s\]" "$OUT/eval.log" 2>/dev/null
-  echo "== bench"; grep -vE "^\[|^$" "$OUT/bench.log"; } >> "$OUT/summary.txt"
+  echo "== bench"; grep -vE "^\[|^$" "$OUT/bench.log"
+  echo "== sd 1.5 layout"; grep -E "^(SD|minisd|diffusers|the two|peak)" "$OUT/sd15.log" 2>/dev/null; } >> "$OUT/summary.txt"
 failed=$(grep -L "^exit 0$" "$OUT"/nb-*.log | wc -l)
-say "done: train $rc_train, eval $rc_eval, bench $rc_bench, notebooks failed $failed, total $(( $(date +%s) - start )) s"
-[ $rc_train = 0 ] && [ "$rc_eval" = 0 ] && [ $rc_bench = 0 ] && [ "$failed" = 0 ]
+say "done: train $rc_train, eval $rc_eval, bench $rc_bench, sd $rc_sd, notebooks failed $failed, total $(( $(date +%s) - start )) s"
+[ $rc_train = 0 ] && [ "$rc_eval" = 0 ] && [ $rc_bench = 0 ] && [ $rc_sd = 0 ] && [ "$failed" = 0 ]
