@@ -23,6 +23,14 @@ from minisd.errors import MinisdError
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
+def normal_mode(path, mode: int = 0o666) -> None:
+    """chmod `path` to `mode` less the process's umask: the mode a plain open() or mkdir() would
+    give. mkstemp and mkdtemp make their files private (0600, 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename tmp_path to `path` (atomic on POSIX)."""
     path = Path(path)
@@ -30,9 +38,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); give it a normal file's mode
+        normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,6 +39,11 @@ def _output_path(path: str) -> Path:
     return out
 
 
+def _measurable(config: dict) -> bool:
+    """Whether `minisd eval` has a judge for a run of this config's dataset (Shapes and emoji)."""
+    return config.get("dataset") == "shapes" or config.get("dataset") in EMOJI_DATASETS
+
+
 def cmd_data(args) -> None:
     from minisd.data import load_dataset
     from minisd.viz import save_figure, show_images
@@ -69,7 +74,7 @@ def cmd_train(args) -> None:
                         data_root=args.root)
     if distributed.is_main():
         config = json.loads((Path(args.out) / "config.json").read_text())
-        measured = config.get("dataset") == "shapes" or config.get("dataset") in EMOJI_DATASETS  # `minisd eval` has a judge
+        measured = _measurable(config)
         prompt = config.get("example_caption", "…")
         print(f"wrote {args.out} in {metrics['train']['total_wall_seconds']:.0f} s of training; "
               f"sample with `minisd sample --run {args.out} --prompt \"{prompt}\" --out grid.png`"
@@ -121,7 +126,7 @@ def cmd_export(args) -> None:
 
     out = export_run(args.run, args.out, args.dtype)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    measured = config.get("dataset") == "shapes" or config.get("dataset") in EMOJI_DATASETS  # `minisd eval` has a judge
+    measured = _measurable(config)
     print(f"load it with StableDiffusion.from_pretrained({str(args.out)!r})"
           + (f"; measure it with `minisd eval --run {args.out}`" if measured else
              f"; sample with `minisd sample --run {args.out} --prompt \"…\" --out grid.png`"))

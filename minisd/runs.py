@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minisd.checkpoint import atomic_write
+from minisd.checkpoint import atomic_write, normal_mode
 from minisd.errors import MinisdError, check_choice
 
 STAGES = ("vae", "clip", "unet")  # in training order
@@ -406,9 +406,7 @@ def export_run(run, out, dtype: str = "float16", log=print) -> Path:
         metrics = read_json(run / "metrics.json", missing={})
         metrics.pop("eval", None)  # figures belong to the weights they were measured on: evaluate the export
         write_json(tmp / "metrics.json", metrics)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        normal_mode(tmp, 0o777)
         os.replace(tmp, out)  # `out` is absent or an empty folder: the rename replaces it whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -139,14 +139,14 @@ def record_trajectory(sd, prompt: str, *, seed: int = 0, num_inference_steps: in
         warnings.simplefilter("ignore")  # a cut caption was already reported by the sampling run
         tokens = sd.tokenizer.tokens(attended)
     n, padding = len(tokens), sd.tokenizer.max_length - len(tokens)
-    if sd.mask_padding or not padding:
-        def kept(a):  # (N, L, h, w) → the real tokens' maps (the padding got no attention)
-            return a[:, :n]
-    else:  # the U-Net also read the padding: its positions' attention summed into one map, so rows still sum to 1
-        tokens = [*tokens, PADDING.format(padding)]
+    # a U-Net that also read the padding: its positions' attention summed into one map, so rows still sum to 1
+    # (with the padding masked, it got none)
+    read_padding = not sd.mask_padding and padding > 0
+    if read_padding:
+        tokens.append(PADDING.format(padding))
 
-        def kept(a):
-            return torch.cat([a[:, :n], a[:, n:].sum(1, keepdim=True)], 1)
+    def kept(a):  # (N, L, h, w) → (N, tokens, h, w)
+        return torch.cat([a[:, :n], a[:, n:].sum(1, keepdim=True)], 1) if read_padding else a[:, :n]
     latents = torch.cat([torch.cat([s.latents for s in steps]), out.latents]).float().cpu()
     pred = torch.cat([s.pred_original for s in steps]).float().cpu()
     return Trajectory(

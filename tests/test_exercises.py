@@ -591,15 +591,21 @@ WRONG.update({
 })
 
 
-def rename_by_regex(key, rules):
-    """11.1 worked out with regular expressions on the whole key: each rule's source becomes a pattern anchored at
-    dots, {i} and {j} named groups of digits; the leftmost match is replaced."""
+def _regex_rename(key, rules, number=r"[0-9]+", anchored=True):
+    """Each rule's source as a regular expression — {i} and {j} named groups matching `number`, anchored at dots
+    unless not `anchored` — the leftmost match replaced."""
     for source, target in rules:
-        body = re.escape(source).replace(r"\{i\}", r"(?P<i>[0-9]+)").replace(r"\{j\}", r"(?P<j>[0-9]+)")
-        m = re.search(rf"(?:^|(?<=\.)){body}(?=\.|$)", key)
+        body = re.escape(source).replace(r"\{i\}", rf"(?P<i>{number})").replace(r"\{j\}", rf"(?P<j>{number})")
+        m = re.search(rf"(?:^|(?<=\.)){body}(?=\.|$)" if anchored else body, key)
         if m:
             key = key[:m.start()] + target.format(**m.groupdict()) + key[m.end():]
     return key
+
+
+def rename_by_regex(key, rules):
+    """11.1 worked out with regular expressions on the whole key: each rule's source becomes a pattern anchored at
+    dots, {i} and {j} named groups of digits; the leftmost match is replaced."""
+    return _regex_rename(key, rules)
 
 
 def rename_substrings(key, rules):
@@ -621,22 +627,12 @@ def rename_first_rule_only(key, rules):
 
 def rename_any_part_is_a_number(key, rules):
     """{i} and {j} match any part, not only numbers."""
-    for source, target in rules:
-        body = re.escape(source).replace(r"\{i\}", r"(?P<i>[^.]+)").replace(r"\{j\}", r"(?P<j>[^.]+)")
-        m = re.search(rf"(?:^|(?<=\.)){body}(?=\.|$)", key)
-        if m:
-            key = key[:m.start()] + target.format(**m.groupdict()) + key[m.end():]
-    return key
+    return _regex_rename(key, rules, number=r"[^.]+")
 
 
 def rename_not_anchored(key, rules):
     """Matches inside parts: 'to_out.0' also renames 'xto_out.0' and 'to_out.01'."""
-    for source, target in rules:
-        body = re.escape(source).replace(r"\{i\}", r"(?P<i>[0-9]+)").replace(r"\{j\}", r"(?P<j>[0-9]+)")
-        m = re.search(body, key)
-        if m:
-            key = key[:m.start()] + target.format(**m.groupdict()) + key[m.end():]
-    return key
+    return _regex_rename(key, rules, anchored=False)
 
 
 RIGHT.update({"11.1": lambda: rename_by_regex})

@@ -183,7 +183,8 @@ def main() -> None:
         f"{ours_t['unet_step_s'] / (unet / args.steps):.2f}×, whole run {ours_t['total_s'] / total:.2f}×")
     diff = (ours_images - theirs.float().cpu()).abs().max().item()
     say("max_abs_image_difference", diff, f"the two pipelines' images differ by at most {diff:.1e} (pixels in [0, 1])")
-    say("peak_rss_gb", peak_rss_gb(), f"peak memory of this process {peak_rss_gb():.1f} GB")
+    peak = peak_rss_gb()
+    say("peak_rss_gb", peak, f"peak memory of this process {peak:.1f} GB")
     (work / "sd_full_size.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {work / 'sd_full_size.json'}")
 
