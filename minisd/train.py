@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,6 +92,10 @@ class TrainConfig:
     # AdamW's fused kernel (one launch for all parameters): None → on CUDA only (the CPU keeps the
     # multi-tensor version, whose weights equal the per-parameter loop's bit for bit); True/False → always/never
     fused_optimizer: bool | None = None
+    # Keep all the weights in one flat tensor (see `FlatParameters`): AdamW, clipping and the EMA
+    # each become one operation instead of one per weight tensor. None → on CUDA only (the CPU keeps
+    # the per-tensor updates, bit for bit as before); True/False → always/never
+    flat_parameters: bool | None = None
     channels_last: bool = False  # store the model and 4-D batches as NHWC (faster convolutions on some hardware)
     compile: bool = False  # torch.compile the model for the training steps (a minute of compiling first)
 
@@ -116,22 +120,146 @@ class EMA:
     initial weights quickly; late in a long run d = decay smooths over about 1 / (1 − decay) steps.
     Buffers are copied as they are."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, flat: FlatParameters | None = None):
         import copy
 
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
         self.params = list(self.model.parameters())
         self.buffers = list(self.model.buffers())
+        self.source: tuple[nn.Module, list, list] | None = None  # the trained model, its weights and buffers
+        # flat: `model`'s weights are views of one flat tensor; the average's are too, laid out alike,
+        # so that one step of the average is one operation
+        self.flat = flat
+        self.flat_average = flat and FlatParameters(self.params, grad=False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        # One multi-tensor operation for all the weights (a GPU launches a few kernels, not one per tensor)
-        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - d)
+        if self.source is None or self.source[0] is not model:
+            self.source = (model, list(model.parameters()), list(model.buffers()))
+        _, params, buffers = self.source
+        if self.flat is not None:
+            self.flat_average.data.lerp_(self.flat.data, 1 - d)
+        else:  # one multi-tensor operation for all the weights (a GPU launches a few kernels, not one per tensor)
+            torch._foreach_lerp_(self.params, params, 1 - d)
         if self.buffers:
-            torch._foreach_copy_(self.buffers, list(model.buffers()))
+            torch._foreach_copy_(self.buffers, buffers)
+
+    def unflatten(self) -> None:
+        """Give each averaged weight its own memory again (see `FlatParameters.unflatten`)."""
+        if self.flat_average is not None:
+            self.flat_average.unflatten()
+            self.flat = self.flat_average = None
+
+
+class FlatParameters:
+    """A model's weights as views of one flat tensor, and their gradients gathered into another.
+
+    A U-Net has hundreds of weight tensors. AdamW, gradient clipping and the EMA update each of
+    them, and even their multi-tensor forms cost the host some Python and a launch per tensor
+    or chunk. With every weight a view into one flat tensor (as apex's flat master weights and
+    PyTorch's FSDP do), each of those updates is one operation on one tensor:
+
+        flat = FlatParameters(list(model.parameters()))   # the weights now live in flat.data
+        optimizer = AdamW([flat.parameter])
+        loss.backward(); flat.gather_grads()              # the weights' .grad → flat.parameter.grad
+        optimizer.step()                                  # updates every weight of the model
+
+    Each weight keeps its shape and memory layout (channels-last stays channels-last); only its
+    memory moves. The arithmetic is the same, but a norm over one tensor rounds differently from
+    one over many, so the weights differ from per-tensor training by rounding (and a weight that
+    got no gradient in a step is updated as if its gradient were 0). `unflatten()` gives each
+    weight its own memory back.
+    """
+
+    def __init__(self, params: list[nn.Parameter], grad: bool = True):
+        first = params[0]
+        for p in params:
+            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+            if not dense or p.dtype != first.dtype or p.device != first.device:
+                raise MinisdError(f"can only flatten dense weights of one dtype and device, got {tuple(p.shape)} "
+                                  f"{p.dtype} on {p.device} with strides {p.stride()}")
+        self.params = params
+        self.layout, offset = [], 0  # each weight's (shape, strides, offset) in the flat tensor
+        for p in params:
+            self.layout.append((p.shape, p.stride(), offset))
+            offset += p.numel()
+        self.data = torch.empty(offset, dtype=first.dtype, device=first.device)
+        self.parameter = nn.Parameter(self.data, requires_grad=grad)
+        grads = torch.zeros_like(self.data) if grad else None
+        self.grad_views = self.views(grads) if grad else []
+        with torch.no_grad():
+            for p, view in zip(params, self.views(self.data)):
+                view.copy_(p)
+                p.data = view
+                p.grad = None
+        self.parameter.grad = grads
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """One view of `flat` (a tensor like `data`) per weight, shaped and laid out as the weight."""
+        return [flat.as_strided(shape, stride, offset) for shape, stride, offset in self.layout]
+
+    @torch.no_grad()
+    def gather_grads(self) -> None:
+        """Copy each weight's gradient into its place in `parameter.grad` and clear it (the next
+        backward then hands over fresh gradients instead of adding to these)."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):  # a weight this step did not use: gradient 0
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        torch._foreach_copy_(self.grad_views, grads)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def unflatten(self) -> None:
+        """Each weight back in memory of its own, with its layout (the flat tensor is then unused)."""
+        for p in self.params:
+            p.data = p.data.clone()
+            p.grad = None
+
+    def optimizer_state(self, optimizer) -> dict:
+        """`optimizer.state_dict()` (an optimiser of `[parameter]`) as if it had optimised each weight
+        on its own: the same file whether or not the weights were flat, so a run resumes either way."""
+        state = optimizer.state_dict()
+        flat_state = state["state"].get(0, {})
+        split = {k: [v] * len(self.params) if v.dim() == 0 else self.views(v) for k, v in flat_state.items()}
+        out = {i: {k: split[k][i] for k in split} for i in range(len(self.params))}
+        groups = [{**g, "params": list(range(len(self.params)))} for g in state["param_groups"]]
+        return {"state": out, "param_groups": groups}
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """The inverse of `optimizer_state`: per-weight state → the flat optimiser's."""
+        per_weight = state["state"]
+        if len(state["param_groups"]) != 1 or len(state["param_groups"][0]["params"]) != len(self.params):
+            raise ValueError(f"the saved optimiser state has {sum(len(g['params']) for g in state['param_groups'])} "
+                             f"weights, this model {len(self.params)}")
+        flat_state = {}
+        if per_weight:
+            for key, v in per_weight[0].items():
+                if v.dim() == 0:
+                    flat_state[key] = v
+                else:
+                    whole = torch.zeros_like(self.data)  # a weight without saved state: zero moments
+                    have = [i for i in range(len(self.params)) if key in per_weight.get(i, {})]
+                    views = self.views(whole)
+                    torch._foreach_copy_([views[i] for i in have], [per_weight[i][key] for i in have])
+                    flat_state[key] = whole
+        optimizer.load_state_dict({"state": {0: flat_state} if flat_state else {},
+                                   "param_groups": [{**state["param_groups"][0], "params": [0]}]})
+
+
+class _PerWeightState:
+    """An optimiser of a `FlatParameters`' one tensor, seen by state files as one of each weight."""
+
+    def __init__(self, optimizer, flat: FlatParameters):
+        self.optimizer, self.flat = optimizer, flat
+
+    def state_dict(self) -> dict:
+        return self.flat.optimizer_state(self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flat.load_optimizer_state(self.optimizer, state)
 
 
 @dataclass
@@ -231,15 +359,23 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
     fused = device.type == "cuda" if config.fused_optimizer is None else config.fused_optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+    params = list(model.parameters())
+    # One flat tensor for all the weights, when asked (CUDA's default); not for a model with frozen
+    # weights (AdamW must skip them) or several processes (DDP keeps its own buckets of gradients)
+    flat = FlatParameters(params) if (device.type == "cuda" if config.flat_parameters is None
+                                      else config.flat_parameters) and size == 1 and params \
+        and all(p.requires_grad for p in params) else None
+    optimized = [flat.parameter] if flat else params
+    optimizer = torch.optim.AdamW(optimized, lr=config.lr, weight_decay=config.weight_decay,
                                   **({"fused": True} if fused else {"foreach": True}))
-    ema = EMA(model, config.ema_decay) if config.ema_decay else None
+    saved_optimizer = optimizer if flat is None else _PerWeightState(optimizer, flat)  # what state files hold
+    ema = EMA(model, config.ema_decay, flat) if config.ema_decay else None
     precision = choose_precision(config.precision, device)
     autocast = AUTOCAST_DTYPES.get(precision)  # None: float32. Weights and optimiser stay float32 either way
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     result, first = TrainResult(precision=precision), 0
     if state_file is not None and Path(state_file).is_file():
-        first, result.losses, result.seconds = load_train_state(state_file, model, optimizer, ema, generator,
+        first, result.losses, result.seconds = load_train_state(state_file, model, saved_optimizer, ema, generator,
                                                                 asdict(config))
         result.resumed_from, result.resumed_seconds = first, result.seconds
     save_every = config.save_every or max(1, config.steps // 20)
@@ -251,7 +387,6 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         runner = torch.compile(runner)
-    params = list(model.parameters())
     pending: list[torch.Tensor] = []  # this window's losses, still on the device
 
     def read_losses() -> None:  # the one sync of a window
@@ -262,7 +397,11 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
     start = time.perf_counter() - result.seconds
     bar = tqdm(range(first, config.steps), desc=config.desc, disable=not config.progress or rank != 0,
                initial=first, total=config.steps)
-    with shard(rank, size if shard_batch else 1):
+    with shard(rank, size if shard_batch else 1), ExitStack() as at_the_end:
+        if flat is not None:  # each weight in its own memory again, as the model came (even if interrupted)
+            at_the_end.callback(flat.unflatten)
+            if ema is not None:
+                at_the_end.callback(ema.unflatten)
         for step in bar:
             for group in optimizer.param_groups:  # warm-up, then cosine decay
                 group["lr"] = config.lr * lr_factor(step, config)
@@ -271,11 +410,14 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
             batch = tuple(_to(x[idx.to(x.device)], device, memory_format) for x in tensors)
             with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
                 loss = loss_fn(runner, batch if isinstance(data, tuple) else batch[0], generator)
-            optimizer.zero_grad(set_to_none=True)
+            if flat is None:
+                optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # with several processes, the gradients are averaged over them here
+            if flat is not None:
+                flat.gather_grads()  # into the flat gradient, which it overwrites whole
             if config.grad_clip:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                clip_grad_norm(params, config.grad_clip)
+                clip_grad_norm(optimized, config.grad_clip)
             scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
             scaler.update()
             if ema is not None:
@@ -291,7 +433,7 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
                 read_losses()  # on every process: with several, this averages the losses over them
                 if rank == 0:
                     result.seconds = time.perf_counter() - start
-                    save_train_state(state_file, step + 1, result.losses, result.seconds, model, optimizer, ema,
+                    save_train_state(state_file, step + 1, result.losses, result.seconds, model, saved_optimizer, ema,
                                      generator, asdict(config))
     read_losses()
     result.seconds = time.perf_counter() - start
