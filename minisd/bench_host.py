@@ -19,10 +19,18 @@ On a GPU, a step can never be faster than this.
 
 Time per step = (time of W + N steps − time of W steps) / N, so set-up (the model's copy for
 the EMA, the optimiser) is not counted; the median over `repeats`.
+
+Some of a step's arithmetic grows with the batch and cannot be made small: CLIP's loss compares
+every image of the batch with every caption, a 512 × 512 matrix, and its forward and backward take
+the CPU milliseconds that are microseconds of kernels on a GPU. So each stage is also timed with
+`FEW_ROWS` rows per batch, and the operations of a step are counted (`OperationCount`) at both
+batch sizes: when the host issues the same operations either way, the host's share of a step is
+the time with few rows, and the rest of the time at the preset's batch is the CPU's arithmetic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -31,6 +39,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minisd.clip import TextOutput
 from minisd.errors import as_if_on_a_gpu, check_choice
@@ -39,6 +48,7 @@ from minisd.vae import DiagonalGaussian, VAEOutput
 HOST_STAGES = ("vae", "clip", "unet")
 HOST_TARGET_MS = 2.0  # issue 15: at most this much host time per training step, each stage
 STANDIN_WIDTH = 8  # the stand-in text encoder's state width
+FEW_ROWS = 8  # rows per batch for the time without the batch's arithmetic
 
 
 class StandIn(nn.Module):
@@ -128,6 +138,20 @@ class HostReads:
             setattr(torch.Tensor, name, method)
 
 
+class OperationCount(TorchDispatchMode):
+    """Count the tensor operations run inside `with OperationCount() as ops:` (`ops.count`), the
+    backward pass's too: on a GPU each is a kernel launch (or a view) the host issues."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten":  # not the profiler's record_function markers
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _count(build) -> int:
     """Parameter tensors of a network, built on the meta device (no memory, no arithmetic)."""
     with torch.device("meta"):
@@ -174,34 +198,39 @@ def stage_setup(stage: str, preset: str, rows: int = 4096, seed: int = 0, tensor
 
 
 def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: int = 20, repeats: int = 3,
-                     device: str = "cpu", tensors: int | None = None) -> tuple[float, dict]:
-    """Milliseconds of host time per training step of `stage` (median over `repeats`), and what was run.
-    tensors: give the stand-in this many parameter tensors instead of the real network's."""
+                     device: str = "cpu", tensors: int | None = None, batch: int | None = None,
+                     flat: bool = True) -> tuple[float, dict]:
+    """Milliseconds of host time per training step of `stage` (median over `repeats`), and what was
+    run, with the operations and reads of values per step. tensors: give the stand-in this many
+    parameter tensors instead of the real network's; batch: rows per batch instead of the preset's;
+    flat: the weights in one flat tensor, as on a GPU (False: per tensor, the CPU's default)."""
     from minisd.train import train
 
     model, loss_fn, data, config, hook = stage_setup(stage, preset, tensors=tensors)
     # As on a GPU: AdamW's fused kernel (one call for all tensors; the CPU default runs tensor by tensor)
     # and the weights in one flat tensor (`minisd.train.FlatParameters`; the CPU's default is per tensor)
     config = dataclasses.replace(config, progress=False, device=device, warmup_steps=min(config.warmup_steps, 10),
-                                 fused_optimizer=True, flat_parameters=True)
+                                 fused_optimizer=True, flat_parameters=flat, batch_size=batch or config.batch_size)
 
-    def run(n: int) -> tuple[float, int]:
+    def run(n: int, counter=None) -> tuple[float, int, int]:
         m = copy.deepcopy(model)  # a fresh copy each run: the same start every time
-        with HostReads() as reads, as_if_on_a_gpu():
+        with HostReads() as reads, as_if_on_a_gpu(), counter or contextlib.nullcontext():
             start = time.perf_counter()
             # the CLIP stage's hook clamps the temperature of the copy being trained
             train(m, loss_fn, data, dataclasses.replace(config, steps=n),
                   hook=hook and (lambda step, loss: m.clamp_logit_scale()))
             seconds = time.perf_counter() - start
-        return seconds, reads.count
+        return seconds, reads.count, counter.count if counter else 0
 
     times, reads = [], 0
     for _ in range(repeats):
-        (long, reads_long), (short, reads_short) = run(warmup + steps), run(warmup)
+        (long, reads_long, _), (short, reads_short, _) = run(warmup + steps), run(warmup)
         times.append((long - short) / steps * 1e3)
         reads = (reads_long - reads_short) / steps
+    # the operations, counted in runs of their own (counting slows every operation down)
+    ops = (run(warmup + steps, OperationCount())[2] - run(warmup, OperationCount())[2]) / steps
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
-            "ema": config.ema_decay > 0, "reads_per_step": reads}
+            "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": ops}
     return statistics.median(times), info
 
 
@@ -217,6 +246,14 @@ def bench_host(settings) -> list[dict]:
         out.append(row(f"{stage}: host time per step", ms, "ms", HOST_TARGET_MS, higher_is_better=False,
                        note=f"{settings.preset} preset, batch {info['batch']}, {info['parameter_tensors']} "
                             f"parameter tensors{', EMA' if info['ema'] else ''}; networks replaced by stand-ins"))
+        few_ms, few = host_ms_per_step(stage, settings.preset, batch=FEW_ROWS, **kw)
+        same = few["operations_per_step"] == info["operations_per_step"]
+        out.append(row(f"{stage}: … with {FEW_ROWS} rows per batch", few_ms, "ms",
+                       note=("the same operations as at batch " if same else "other operations than at batch ")
+                       + f"{info['batch']}: {few['operations_per_step']:.0f} a step"
+                       + ("; the difference is the CPU's own arithmetic on the batch" if same else "")))
+        out.append(row(f"{stage}: operations per step", info["operations_per_step"], "",
+                       note="tensor operations, backward included: on a GPU each is a kernel launch or a view"))
         out.append(row(f"{stage}: reads of values per step", info["reads_per_step"], "",
                        note="each is a sync on a GPU (.item(), .tolist(), bool(t) …)"))
         # The same with one parameter tensor: what is left is the loop, the data, the draws and the

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minisd.bench import run_bench
-from minisd.bench_host import HOST_STAGES, HostReads, stage_setup
+from minisd.bench_host import FEW_ROWS, HOST_STAGES, HostReads, OperationCount, stage_setup
 from minisd.captions import ShapesCaptions
 from minisd.clip import caption_fits
 from minisd.data import describe, sample_labels
@@ -52,14 +52,15 @@ def test_caption_fits_equals_the_attribute_by_attribute_rule():
 
 
 @pytest.mark.parametrize("stage", HOST_STAGES)
-def test_the_training_loop_reads_values_back_once_per_window(stage):
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_training_loop_reads_values_back_once_per_window(stage, flat):
     """Every read of a tensor's value is a sync on a GPU: inside a window of `log_every` steps there
     must be none, whatever the stage (counted with the real loss functions, stand-in networks)."""
     model, loss_fn, data, config, hook = stage_setup(stage, "tiny", rows=256)
     steps, window = 30, 10
     # fused AdamW, as on a GPU (the CPU's default multi-tensor AdamW reads its step counters as numbers)
     config = dataclasses.replace(config, steps=steps, log_every=window, progress=False, device="cpu",
-                                 warmup_steps=5, fused_optimizer=True)
+                                 warmup_steps=5, fused_optimizer=True, flat_parameters=flat)
     with HostReads() as reads, as_if_on_a_gpu():
         result = train(model, loss_fn, data, config, hook=None if hook is None else (lambda step, loss: None))
     assert len(result.losses) == steps and all(np.isfinite(result.losses))
@@ -73,6 +74,15 @@ def test_host_reads_counts_what_it_should():
         t.tolist()
         bool(t.any())
     assert reads.count == 3 and torch.Tensor.item.__name__ == "item"  # and puts the methods back
+
+
+def test_operation_count_counts_forward_and_backward_operations():
+    w = torch.ones(3, requires_grad=True)
+    with OperationCount() as ops:
+        (w * 2).sum().backward()  # mul, sum; backward: ones_like (the seed), expand, mul, detach (the hand-over)
+    with OperationCount() as none:
+        pass
+    assert 4 <= ops.count <= 8 and none.count == 0
 
 
 def test_losses_are_the_per_step_values_whatever_the_window():
@@ -161,4 +171,8 @@ def test_bench_host_quick_gives_rows_for_every_stage(tmp_path):
         what = {r["what"]: r for r in rows if r["what"].startswith(stage)}
         assert what[f"{stage}: host time per step"]["value"] > 0
         assert what[f"{stage}: reads of values per step"]["value"] <= 0.2
+        # the host issues the same operations whatever the batch: no Python or launch per row
+        few = what[f"{stage}: … with {FEW_ROWS} rows per batch"]
+        assert few["note"].startswith("the same operations"), few["note"]
+        assert what[f"{stage}: operations per step"]["value"] > 50
     assert (tmp_path / "bench.json").is_file()
