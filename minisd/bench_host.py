@@ -230,7 +230,8 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
     # the operations, counted in runs of their own (counting slows every operation down)
     ops = (run(warmup + steps, OperationCount())[2] - run(warmup, OperationCount())[2]) / steps
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
-            "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": ops}
+            "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": ops,
+            "ms_runs": times}  # every repeat's figure, for the spread
     return statistics.median(times), info
 
 
