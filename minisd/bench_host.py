@@ -253,6 +253,9 @@ def bench_host(settings) -> list[dict]:
                        note=("the same operations as at batch " if same else "other operations than at batch ")
                        + f"{info['batch']}: {few['operations_per_step']:.0f} a step"
                        + ("; the difference is the CPU's own arithmetic on the batch" if same else "")))
+        per_ms, per = host_ms_per_step(stage, settings.preset, flat=False, **kw)
+        out.append(row(f"{stage}: … with the weights per tensor", per_ms, "ms",
+                       note=f"the CPU's default (flat is CUDA's): {per_ms / ms:.2f} × the flat time"))
         out.append(row(f"{stage}: operations per step", info["operations_per_step"], "",
                        note="tensor operations, backward included: on a GPU each is a kernel launch or a view"))
         out.append(row(f"{stage}: reads of values per step", info["reads_per_step"], "",

@@ -175,4 +175,5 @@ def test_bench_host_quick_gives_rows_for_every_stage(tmp_path):
         few = what[f"{stage}: … with {FEW_ROWS} rows per batch"]
         assert few["note"].startswith("the same operations"), few["note"]
         assert what[f"{stage}: operations per step"]["value"] > 50
+        assert what[f"{stage}: … with the weights per tensor"]["value"] > 0
     assert (tmp_path / "bench.json").is_file()
