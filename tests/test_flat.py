@@ -146,3 +146,22 @@ def test_only_dense_weights_of_one_kind_can_be_flattened():
         FlatParameters([nn.Parameter(torch.randn(4, 6)[:, ::2])])
     with pytest.raises(MinisdError, match="torch.float64"):
         FlatParameters([nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2, dtype=torch.float64))])
+
+
+@pytest.mark.parametrize("stage", ["vae", "clip"])
+def test_the_real_stages_train_flat_as_per_tensor(stage):
+    """The course's own networks (every kind of weight they have: convolutions, norms, embeddings,
+    the class token, CLIP's temperature) through the real stage functions, flat against per tensor."""
+    from minisd.clip import train_clip
+    from minisd.vae import train_vae
+
+    def run(flat):
+        options = {"flat_parameters": flat}
+        if stage == "vae":
+            return train_vae("tiny", steps=8, progress=False, device="cpu", train_options=options)[0]
+        return train_clip("tiny", steps=8, progress=False, device="cpu", train_options=options)[0]
+
+    flat, plain = run(True), run(False)
+    assert own_memory(flat)
+    worst = max((a - b).abs().max().item() for a, b in zip(flat.state_dict().values(), plain.state_dict().values()))
+    assert 0 < worst < 1e-5, worst  # not 0: the flat path ran (its norm rounds differently)
