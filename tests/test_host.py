@@ -116,8 +116,10 @@ def test_precision_on_the_cpu_and_when_asked_for():
         TrainConfig(precision="half")
 
 
-def test_fp16_with_a_gradient_scaler_trains():
-    """float16 autocast with loss scaling (what a T4 gets) runs and learns; here on the CPU."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_fp16_with_a_gradient_scaler_trains(flat):
+    """float16 autocast with loss scaling (what a T4 gets, with flat weights: CUDA's default) runs and
+    learns; here on the CPU."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g)
@@ -129,10 +131,16 @@ def test_fp16_with_a_gradient_scaler_trains():
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    result = train(model, loss_fn, (x, y), TrainConfig(steps=150, batch_size=32, lr=1e-2, warmup_steps=10,
-                                                         precision="fp16", progress=False, device="cpu"))
+    config = TrainConfig(steps=150, batch_size=32, lr=1e-2, warmup_steps=10, precision="fp16", progress=False,
+                         device="cpu", flat_parameters=flat)
+    result = train(model, loss_fn, (x, y), config)
     assert result.precision == "fp16" and all(p.dtype == torch.float32 for p in model.parameters())
     assert np.mean(result.losses[-10:]) < 0.2 * np.mean(result.losses[:10])
+    if flat:  # the same run as per tensor, up to the rounding of the clipping norm
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        train(plain, loss_fn, (x, y), dataclasses.replace(config, flat_parameters=False))
+        assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), plain.parameters())) < 1e-2
 
 
 def test_ema_update_equals_the_formula_tensor_by_tensor():
