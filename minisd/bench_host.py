@@ -199,11 +199,12 @@ def stage_setup(stage: str, preset: str, rows: int = 4096, seed: int = 0, tensor
 
 def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: int = 20, repeats: int = 3,
                      device: str = "cpu", tensors: int | None = None, batch: int | None = None,
-                     flat: bool = True) -> tuple[float, dict]:
+                     flat: bool = True, count_operations: bool = True) -> tuple[float, dict]:
     """Milliseconds of host time per training step of `stage` (median over `repeats`), and what was
     run, with the operations and reads of values per step. tensors: give the stand-in this many
     parameter tensors instead of the real network's; batch: rows per batch instead of the preset's;
-    flat: the weights in one flat tensor, as on a GPU (False: per tensor, the CPU's default)."""
+    flat: the weights in one flat tensor, as on a GPU (False: per tensor, the CPU's default);
+    count_operations: False skips the two extra runs that count them (`operations_per_step` is then None)."""
     from minisd.train import train
 
     model, loss_fn, data, config, hook = stage_setup(stage, preset, tensors=tensors)
@@ -228,7 +229,8 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
         times.append((long - short) / steps * 1e3)
         reads = (reads_long - reads_short) / steps
     # the operations, counted in runs of their own (counting slows every operation down)
-    ops = (run(warmup + steps, OperationCount())[2] - run(warmup, OperationCount())[2]) / steps
+    ops = ((run(warmup + steps, OperationCount())[2] - run(warmup, OperationCount())[2]) / steps
+           if count_operations else None)
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
             "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": ops,
             "ms_runs": times}  # every repeat's figure, for the spread
@@ -253,7 +255,7 @@ def bench_host(settings) -> list[dict]:
                        note=("the same operations as at batch " if same else "other operations than at batch ")
                        + f"{info['batch']}: {few['operations_per_step']:.0f} a step"
                        + ("; the difference is the CPU's own arithmetic on the batch" if same else "")))
-        per_ms, per = host_ms_per_step(stage, settings.preset, flat=False, **kw)
+        per_ms, _ = host_ms_per_step(stage, settings.preset, flat=False, count_operations=False, **kw)
         out.append(row(f"{stage}: … with the weights per tensor", per_ms, "ms",
                        note=f"the CPU's default (flat is CUDA's): {per_ms / ms:.2f} × the flat time"))
         out.append(row(f"{stage}: operations per step", info["operations_per_step"], "",
@@ -263,6 +265,6 @@ def bench_host(settings) -> list[dict]:
         # The same with one parameter tensor: what is left is the loop, the data, the draws and the
         # loss; the difference is the work done tensor by tensor (backward's gradient hand-over,
         # AdamW's Python, clipping and EMA — on a CPU the multi-tensor operations run tensor by tensor)
-        ms_one, _ = host_ms_per_step(stage, settings.preset, tensors=1, **kw)
+        ms_one, _ = host_ms_per_step(stage, settings.preset, tensors=1, count_operations=False, **kw)
         out.append(row(f"{stage}: … with 1 parameter tensor", ms_one, "ms", note="the loop, data, draws, loss"))
     return out

@@ -218,48 +218,38 @@ class FlatParameters:
             p.data = p.data.clone()
             p.grad = None
 
-    def optimizer_state(self, optimizer) -> dict:
-        """`optimizer.state_dict()` (an optimiser of `[parameter]`) as if it had optimised each weight
-        on its own: the same file whether or not the weights were flat, so a run resumes either way."""
-        state = optimizer.state_dict()
-        flat_state = state["state"].get(0, {})
-        split = {k: [v] * len(self.params) if v.dim() == 0 else self.views(v) for k, v in flat_state.items()}
-        out = {i: {k: split[k][i] for k in split} for i in range(len(self.params))}
-        groups = [{**g, "params": list(range(len(self.params)))} for g in state["param_groups"]]
-        return {"state": out, "param_groups": groups}
-
-    def load_optimizer_state(self, optimizer, state: dict) -> None:
-        """The inverse of `optimizer_state`: per-weight state → the flat optimiser's."""
-        per_weight = state["state"]
-        if len(state["param_groups"]) != 1 or len(state["param_groups"][0]["params"]) != len(self.params):
-            raise ValueError(f"the saved optimiser state has {sum(len(g['params']) for g in state['param_groups'])} "
-                             f"weights, this model {len(self.params)}")
-        flat_state = {}
-        if per_weight:
-            for key, v in per_weight[0].items():
-                if v.dim() == 0:
-                    flat_state[key] = v
-                else:
-                    whole = torch.zeros_like(self.data)  # a weight without saved state: zero moments
-                    have = [i for i in range(len(self.params)) if key in per_weight.get(i, {})]
-                    views = self.views(whole)
-                    torch._foreach_copy_([views[i] for i in have], [per_weight[i][key] for i in have])
-                    flat_state[key] = whole
-        optimizer.load_state_dict({"state": {0: flat_state} if flat_state else {},
-                                   "param_groups": [{**state["param_groups"][0], "params": [0]}]})
-
 
 class _PerWeightState:
-    """An optimiser of a `FlatParameters`' one tensor, seen by state files as one of each weight."""
+    """An optimiser of a `FlatParameters`' one tensor, seen by state files as one of each weight:
+    the same file whether or not the weights were flat, so a run resumes either way."""
 
     def __init__(self, optimizer, flat: FlatParameters):
         self.optimizer, self.flat = optimizer, flat
 
     def state_dict(self) -> dict:
-        return self.flat.optimizer_state(self.optimizer)
+        state, n = self.optimizer.state_dict(), len(self.flat.params)
+        flat_state = state["state"].get(0, {})
+        split = {k: [v] * n if v.dim() == 0 else self.flat.views(v) for k, v in flat_state.items()}
+        return {"state": {i: {k: split[k][i] for k in split} for i in range(n)},
+                "param_groups": [{**g, "params": list(range(n))} for g in state["param_groups"]]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.flat.load_optimizer_state(self.optimizer, state)
+        per_weight, groups, n = state["state"], state["param_groups"], len(self.flat.params)
+        if len(groups) != 1 or len(groups[0]["params"]) != n:
+            raise ValueError(f"the saved optimiser state has {sum(len(g['params']) for g in groups)} weights, "
+                             f"this model {n}")
+        flat_state = {}
+        for key, v in next(iter(per_weight.values()), {}).items():
+            if v.dim() == 0:
+                flat_state[key] = v
+            else:
+                whole = torch.zeros_like(self.flat.data)  # a weight without saved state: zero moments
+                have = [i for i in range(n) if key in per_weight.get(i, {})]
+                views = self.flat.views(whole)
+                torch._foreach_copy_([views[i] for i in have], [per_weight[i][key] for i in have])
+                flat_state[key] = whole
+        self.optimizer.load_state_dict({"state": {0: flat_state} if flat_state else {},
+                                        "param_groups": [{**groups[0], "params": [0]}]})
 
 
 @dataclass
