@@ -20,16 +20,26 @@ On a GPU, a step can never be faster than this.
 Time per step = (time of W + N steps − time of W steps) / N, so set-up (the model's copy for
 the EMA, the optimiser) is not counted; the median over `repeats`.
 
-Some of a step's arithmetic grows with the batch and cannot be made small: CLIP's loss compares
-every image of the batch with every caption, a 512 × 512 matrix, and its forward and backward take
-the CPU milliseconds that are microseconds of kernels on a GPU. So each stage is also timed with
-`FEW_ROWS` rows per batch, and the operations of a step are counted (`OperationCount`) at both
-batch sizes: when the host issues the same operations either way, the host's share of a step is
-the time with few rows, and the rest of the time at the preset's batch is the CPU's arithmetic.
+Two parts of that time are not the loop's, and the host time per step (`loop_ms_per_step`, the
+figure held against the target) leaves them out, each measured, not assumed:
+
+- The CPU's arithmetic on the batch. Some of it cannot be made small with the rows: CLIP's loss
+  compares every image of the batch with every caption, a 512 × 512 matrix, and its forward and
+  backward take the CPU milliseconds that are microseconds of kernels on a GPU. So each stage is
+  also timed with `FEW_ROWS` rows per batch, and the operations of a step are listed
+  (`OperationCount`) at both batch sizes: when the host issues the same operations either way (the
+  same kinds, as many of each), the host's share is the time with few rows.
+- The stand-in network's own forward and backward. To reach each of its hundreds of weights it
+  stacks them (one operation per weight) and its backward hands each weight its gradient (autograd
+  runs one node per weight): work of the network, which a real network does in its own forward and
+  backward, and which no training loop can change short of capturing the whole step (CUDA graphs,
+  compiled autograd). It is timed alone (`network_ms`) and subtracted; its operations are checked
+  to be among the step's.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -42,7 +52,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minisd.clip import TextOutput
-from minisd.errors import as_if_on_a_gpu, check_choice
+from minisd.errors import MinisdError, as_if_on_a_gpu, check_choice
 from minisd.vae import DiagonalGaussian, VAEOutput
 
 HOST_STAGES = ("vae", "clip", "unet")
@@ -139,16 +149,20 @@ class HostReads:
 
 
 class OperationCount(TorchDispatchMode):
-    """Count the tensor operations run inside `with OperationCount() as ops:` (`ops.count`), the
-    backward pass's too: on a GPU each is a kernel launch (or a view) the host issues."""
+    """Count the tensor operations run inside `with OperationCount() as ops:` (`ops.count`; of each
+    kind, `ops.kinds`), the backward pass's too: on a GPU each is a kernel launch (or a view) the host issues."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.kinds = collections.Counter()
+
+    @property
+    def count(self) -> int:
+        return self.kinds.total()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "aten":  # not the profiler's record_function markers
-            self.count += 1
+            self.kinds[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -200,12 +214,13 @@ def stage_setup(stage: str, preset: str, rows: int = 4096, seed: int = 0, tensor
 def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: int = 20, repeats: int = 3,
                      device: str = "cpu", tensors: int | None = None, batch: int | None = None,
                      flat: bool = True, count_operations: bool = True) -> tuple[float, dict]:
-    """Milliseconds of host time per training step of `stage` (median over `repeats`), and what was
-    run, with the operations and reads of values per step. tensors: give the stand-in this many
+    """Milliseconds per training step of `stage` with stand-in networks (median over `repeats`), and
+    what was run: the reads of values and operations per step, and the stand-in network's own
+    share of the step (`network_ms`, see the module docstring). tensors: give the stand-in this many
     parameter tensors instead of the real network's; batch: rows per batch instead of the preset's;
     flat: the weights in one flat tensor, as on a GPU (False: per tensor, the CPU's default);
-    count_operations: False skips the two extra runs that count them (`operations_per_step` is then None)."""
-    from minisd.train import train
+    count_operations: False skips the extra runs that count them (`operations_per_step` is then None)."""
+    from minisd.train import FlatParameters, train
 
     model, loss_fn, data, config, hook = stage_setup(stage, preset, tensors=tensors)
     # As on a GPU: AdamW's fused kernel (one call for all tensors; the CPU default runs tensor by tensor)
@@ -213,7 +228,7 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
     config = dataclasses.replace(config, progress=False, device=device, warmup_steps=min(config.warmup_steps, 10),
                                  fused_optimizer=True, flat_parameters=flat, batch_size=batch or config.batch_size)
 
-    def run(n: int, counter=None) -> tuple[float, int, int]:
+    def run(n: int, counter=None) -> tuple[float, int, collections.Counter]:
         m = copy.deepcopy(model)  # a fresh copy each run: the same start every time
         with HostReads() as reads, as_if_on_a_gpu(), counter or contextlib.nullcontext():
             start = time.perf_counter()
@@ -221,50 +236,105 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
             train(m, loss_fn, data, dataclasses.replace(config, steps=n),
                   hook=hook and (lambda step, loss: m.clamp_logit_scale()))
             seconds = time.perf_counter() - start
-        return seconds, reads.count, counter.count if counter else 0
+        return seconds, reads.count, counter.kinds if counter else collections.Counter()
 
-    times, reads = [], 0
+    def network(n: int, counter=None, backward: bool = True) -> tuple[float, int, collections.Counter]:
+        """n forward and backward passes of the stand-in alone (backward=False: only clearing the
+        gradients, which the loop does itself), its weights laid out as in the loop."""
+        m = copy.deepcopy(model).to(device)
+        params = list(m.parameters())
+        if flat:
+            FlatParameters(params)
+        with counter or contextlib.nullcontext():
+            start = time.perf_counter()
+            for _ in range(n):
+                if backward:
+                    m.scale().backward()
+                for p in params:
+                    p.grad = None
+            seconds = time.perf_counter() - start
+        return seconds, 0, counter.kinds if counter else collections.Counter()
+
+    def per_step(measure, **kw) -> tuple[float, float]:
+        (long, reads_long, _), (short, reads_short, _) = measure(warmup + steps, **kw), measure(warmup, **kw)
+        return (long - short) / steps * 1e3, (reads_long - reads_short) / steps
+
+    times, network_times, reads = [], [], 0
     for _ in range(repeats):
-        (long, reads_long, _), (short, reads_short, _) = run(warmup + steps), run(warmup)
-        times.append((long - short) / steps * 1e3)
-        reads = (reads_long - reads_short) / steps
-    # the operations, counted in runs of their own (counting slows every operation down)
-    ops = ((run(warmup + steps, OperationCount())[2] - run(warmup, OperationCount())[2]) / steps
-           if count_operations else None)
+        ms, reads = per_step(run)
+        times.append(ms)
+        network_times.append(per_step(network)[0] - per_step(network, backward=False)[0])
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
-            "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": ops,
+            "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": None,
+            "operations": None, "network_operations": None, "network_ms": statistics.median(network_times),
             "ms_runs": times}  # every repeat's figure, for the spread
+    if count_operations:  # counted in runs of their own (counting slows every operation down)
+        for key, measure in (("operations", run), ("network_operations", network)):
+            counted = measure(warmup + steps, OperationCount())[2]
+            counted.subtract(measure(warmup, OperationCount())[2])
+            info[key] = +counted  # of each kind, in `steps` steps
+        info["operations_per_step"] = info["operations"].total() / steps
     return statistics.median(times), info
 
 
+def loop_ms_per_step(stage: str, preset: str = "gpu", **kw) -> tuple[float, dict]:
+    """The training loop's host time per step (what `HOST_TARGET_MS` is held against): the time with
+    stand-in networks with `FEW_ROWS` rows per batch — when the host issues the same operations as at
+    the preset's batch, else at the preset's batch — less the stand-in network's own forward and
+    backward. Returns (ms, info) with both runs' figures (`at_batch`, `few`) and `same_operations`;
+    kw: see `host_ms_per_step`."""
+    at_batch = host_ms_per_step(stage, preset, **kw)
+    few = host_ms_per_step(stage, preset, batch=FEW_ROWS, **kw)
+    same = few[1]["operations"] == at_batch[1]["operations"]
+    ms, info = few if same else at_batch
+    inside = not (info["network_operations"] - info["operations"])  # what is subtracted runs in the step
+    if not inside:
+        raise MinisdError(f"the stand-in network's own operations are not all in the step: "
+                          f"{dict(info['network_operations'] - info['operations'])}")
+    return ms - info["network_ms"], {"at_batch": at_batch, "few": few, "same_operations": same,
+                                     "stand_in_ms": ms, "network_ms": info["network_ms"]}
+
+
 def bench_host(settings) -> list[dict]:
-    """Host time per training step of each stage at the preset's batch size (see the module docstring)."""
+    """The training loop's host time per step of each stage, and the measurements it is made of (see
+    the module docstring)."""
     from minisd.bench import row
 
     out = []
     kw = dict(steps=10 if settings.quick else 60, warmup=5 if settings.quick else 20, repeats=settings.repeats,
               device=str(settings.device))
     for stage in HOST_STAGES:
-        ms, info = host_ms_per_step(stage, settings.preset, **kw)
+        ms, parts = loop_ms_per_step(stage, settings.preset, **kw)
+        at_batch_ms, info = parts["at_batch"]
+        few_ms, few = parts["few"]
+        batch, tensors = info["batch"], info["parameter_tensors"]
         out.append(row(f"{stage}: host time per step", ms, "ms", HOST_TARGET_MS, higher_is_better=False,
-                       note=f"{settings.preset} preset, batch {info['batch']}, {info['parameter_tensors']} "
-                            f"parameter tensors{', EMA' if info['ema'] else ''}; networks replaced by stand-ins"))
-        few_ms, few = host_ms_per_step(stage, settings.preset, batch=FEW_ROWS, **kw)
-        same = few["operations_per_step"] == info["operations_per_step"]
-        out.append(row(f"{stage}: … with {FEW_ROWS} rows per batch", few_ms, "ms",
-                       note=("the same operations as at batch " if same else "other operations than at batch ")
-                       + f"{info['batch']}: {few['operations_per_step']:.0f} a step"
-                       + ("; the difference is the CPU's own arithmetic on the batch" if same else "")))
-        per_ms, _ = host_ms_per_step(stage, settings.preset, flat=False, count_operations=False, **kw)
+                       note=f"the loop's share: {parts['stand_in_ms']:.2f} ms a step with stand-in networks"
+                            + (f" and {FEW_ROWS} rows per batch" if parts["same_operations"] else "")
+                            + f", less {parts['network_ms']:.2f} ms of the stand-in's own forward and backward; "
+                            f"{settings.preset} preset, batch {batch}, {tensors} parameter tensors"
+                            + (", EMA" if info["ema"] else "")))
+        out.append(row(f"{stage}: … a step at batch {batch}, as measured", at_batch_ms, "ms",
+                       note="stand-in networks, the CPU's own arithmetic on the batch included"))
+        out.append(row(f"{stage}: … a step with {FEW_ROWS} rows per batch", few_ms, "ms",
+                       note=(f"the same operations as at batch {batch}, as many of each kind: "
+                             if parts["same_operations"] else f"other operations than at batch {batch}: ")
+                       + f"{few['operations_per_step']:.0f} a step"))
+        out.append(row(f"{stage}: … the stand-in's own forward and backward", parts["network_ms"], "ms",
+                       note=f"stacking its {tensors} weights, and autograd handing each its gradient: "
+                            "the network's work, not the loop's"))
+        per_ms, _ = loop_ms_per_step(stage, settings.preset, flat=False, **kw)
         out.append(row(f"{stage}: … with the weights per tensor", per_ms, "ms",
-                       note=f"the CPU's default (flat is CUDA's): {per_ms / ms:.2f} × the flat time"))
+                       note=f"the loop's share as above, per tensor (the CPU's default; flat is CUDA's): "
+                            f"{per_ms / ms:.2f} × the flat time"))
+        # With one parameter tensor what is left is the loop, the data, the draws and the loss; the
+        # difference is the loop's work per weight tensor (the gradients' gather, AdamW's, clipping's
+        # and the EMA's share: on a CPU the multi-tensor operations run tensor by tensor)
+        ms_one, _ = loop_ms_per_step(stage, settings.preset, tensors=1, **kw)
+        out.append(row(f"{stage}: … with 1 parameter tensor", ms_one, "ms",
+                       note="the loop's share as above: the loop, data, draws, loss"))
         out.append(row(f"{stage}: operations per step", info["operations_per_step"], "",
                        note="tensor operations, backward included: on a GPU each is a kernel launch or a view"))
         out.append(row(f"{stage}: reads of values per step", info["reads_per_step"], "",
                        note="each is a sync on a GPU (.item(), .tolist(), bool(t) …)"))
-        # The same with one parameter tensor: what is left is the loop, the data, the draws and the
-        # loss; the difference is the work done tensor by tensor (backward's gradient hand-over,
-        # AdamW's Python, clipping and EMA — on a CPU the multi-tensor operations run tensor by tensor)
-        ms_one, _ = host_ms_per_step(stage, settings.preset, tensors=1, count_operations=False, **kw)
-        out.append(row(f"{stage}: … with 1 parameter tensor", ms_one, "ms", note="the loop, data, draws, loss"))
     return out

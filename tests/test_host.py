@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from minisd import bench_host
 from minisd.bench import run_bench
 from minisd.bench_host import FEW_ROWS, HOST_STAGES, HostReads, OperationCount, stage_setup
 from minisd.captions import ShapesCaptions
@@ -177,11 +178,45 @@ def test_bench_host_quick_gives_rows_for_every_stage(tmp_path):
     rows = result["suites"]["host"]
     for stage in HOST_STAGES:
         what = {r["what"]: r for r in rows if r["what"].startswith(stage)}
-        assert what[f"{stage}: host time per step"]["value"] > 0
         assert what[f"{stage}: reads of values per step"]["value"] <= 0.2
         # the host issues the same operations whatever the batch: no Python or launch per row
-        few = what[f"{stage}: … with {FEW_ROWS} rows per batch"]
+        few = what[f"{stage}: … a step with {FEW_ROWS} rows per batch"]
         assert few["note"].startswith("the same operations"), few["note"]
+        # so the loop's share is the time with few rows less the stand-in's own forward and backward
+        network = what[f"{stage}: … the stand-in's own forward and backward"]["value"]
+        assert 0 < network < few["value"]
+        assert what[f"{stage}: host time per step"]["value"] == pytest.approx(few["value"] - network, abs=1e-6)
         assert what[f"{stage}: operations per step"]["value"] > 50
         assert what[f"{stage}: … with the weights per tensor"]["value"] > 0
     assert (tmp_path / "bench.json").is_file()
+
+
+@pytest.mark.parametrize("stage", HOST_STAGES)
+def test_what_the_host_bench_subtracts_as_the_networks_own_work_runs_in_the_step(stage):
+    ms, info = bench_host.host_ms_per_step(stage, "tiny", steps=3, warmup=2, repeats=1)
+    tensors, steps = info["parameter_tensors"], 3
+    network, step = info["network_operations"], info["operations"]
+    assert not network - step, dict(network - step)  # every operation subtracted is one the step runs
+    # at least one operation a weight forward (the stack) and one backward (its gradient handed over)
+    assert network.total() / steps >= 2 * tensors and 0 < info["network_ms"] < ms
+
+
+def test_the_host_time_falls_back_to_the_batch_when_the_host_works_per_row(monkeypatch):
+    """A loss with Python per row issues more operations at the preset's batch than with few rows:
+    then the few rows' time is not the host's share, and the batch's time is used."""
+    real_setup = bench_host.stage_setup
+
+    def per_row_setup(*args, **kwargs):
+        model, loss_fn, data, config, hook = real_setup(*args, **kwargs)
+
+        def loss_per_row(m, batch, generator):
+            for image in batch[:4096]:  # a step of work for every row: what the loop must not do
+                image.float().sum()
+            return loss_fn(m, batch, generator)
+
+        return model, loss_per_row, data, config, hook
+
+    monkeypatch.setattr(bench_host, "stage_setup", per_row_setup)
+    ms, parts = bench_host.loop_ms_per_step("vae", "tiny", steps=3, warmup=2, repeats=1)
+    assert not parts["same_operations"]
+    assert ms == pytest.approx(parts["at_batch"][0] - parts["network_ms"])
