@@ -267,7 +267,7 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
             "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": None,
             "operations": None, "network_operations": None, "network_ms": statistics.median(network_times),
-            "ms_runs": times}  # every repeat's figure, for the spread
+            "ms_runs": times, "network_ms_runs": network_times}  # every repeat's figures, for the spread
     if count_operations:  # counted in runs of their own (counting slows every operation down)
         for key, measure in (("operations", run), ("network_operations", network)):
             counted = measure(warmup + steps, OperationCount())[2]
@@ -281,8 +281,8 @@ def loop_ms_per_step(stage: str, preset: str = "gpu", **kw) -> tuple[float, dict
     """The training loop's host time per step (what `HOST_TARGET_MS` is held against): the time with
     stand-in networks with `FEW_ROWS` rows per batch — when the host issues the same operations as at
     the preset's batch, else at the preset's batch — less the stand-in network's own forward and
-    backward. Returns (ms, info) with both runs' figures (`at_batch`, `few`) and `same_operations`;
-    kw: see `host_ms_per_step`."""
+    backward. Returns (ms, info) with both runs' figures (`at_batch`, `few`: each (ms, info)),
+    `same_operations`, the share of each repeat (`ms_runs`); kw: see `host_ms_per_step`."""
     at_batch = host_ms_per_step(stage, preset, **kw)
     few = host_ms_per_step(stage, preset, batch=FEW_ROWS, **kw)
     same = few[1]["operations"] == at_batch[1]["operations"]
@@ -292,7 +292,9 @@ def loop_ms_per_step(stage: str, preset: str = "gpu", **kw) -> tuple[float, dict
         raise MinisdError(f"the stand-in network's own operations are not all in the step: "
                           f"{dict(info['network_operations'] - info['operations'])}")
     return ms - info["network_ms"], {"at_batch": at_batch, "few": few, "same_operations": same,
-                                     "stand_in_ms": ms, "network_ms": info["network_ms"]}
+                                     "stand_in_ms": ms, "network_ms": info["network_ms"],
+                                     # each repeat's share, for the spread
+                                     "ms_runs": [a - b for a, b in zip(info["ms_runs"], info["network_ms_runs"])]}
 
 
 def bench_host(settings) -> list[dict]:
