@@ -15,9 +15,10 @@ Suites:
                channels-last, fused AdamW, torch.compile, bf16 autocast (CUDA).
     mfu        FLOPs of one U-Net training step (FlopCounterMode) over its measured time; on
                CUDA also the model FLOPs utilisation against the card's peak dense bf16 rate.
-    host       per training step of each stage, the time of everything but the networks'
-               arithmetic (the loop, the loss, random draws, captions, launches, syncs), at the
-               `gpu` preset's batch sizes unless --preset is given (see `minisd.bench_host`).
+    host       per training step of each stage, the host time of the training loop: everything
+               but the networks' own work (the loop, the loss, random draws, captions, AdamW,
+               clipping, EMA, launches, syncs), with stand-in networks at the `gpu` preset's batch
+               sizes unless --preset is given, and what it is made of (see `minisd.bench_host`).
 
 Every figure is a row {what, value, unit, target (or None), higher_is_better, note}. Times are
 medians over `repeats` timed runs after warm-up; wall-clock on the CPU threads torch uses here

@@ -1,4 +1,4 @@
-"""`minisd bench host`: how long a training step spends on everything *but* the networks' arithmetic.
+"""`minisd bench host`: the host time of a training step, everything *but* the networks' own work.
 
 A small model on a fast GPU is often limited by the host: Python drawing the batch, writing and
 tokenising captions, launching a few thousand tiny kernels, reading the loss back every step
@@ -13,9 +13,9 @@ stand-in of the same interface:
 
 Each row of data is kept small (images 2·f × 2·f for a VAE that down-samples by f, latents 2×2,
 text states 8 wide), so the arithmetic a GPU does in microseconds does not pose as host time on
-a CPU; the number of rows per batch is the preset's. What is left per step is the host's share:
-the Python of the loop and the loss, random draws, caption handling, operation launches, syncs.
-On a GPU, a step can never be faster than this.
+a CPU; the number of rows per batch is the preset's. What is left per step is host work: the
+Python of the loop and the loss, random draws, caption handling, operation launches, syncs. On a
+GPU, a step can never be faster than the host's work.
 
 Time per step = (time of W + N steps − time of W steps) / N, so set-up (the model's copy for
 the EMA, the optimiser) is not counted; the median over `repeats`.
