@@ -283,6 +283,7 @@ def loop_ms_per_step(stage: str, preset: str = "gpu", **kw) -> tuple[float, dict
     the preset's batch, else at the preset's batch — less the stand-in network's own forward and
     backward. Returns (ms, info) with both runs' figures (`at_batch`, `few`: each (ms, info)),
     `same_operations`, the share of each repeat (`ms_runs`); kw: see `host_ms_per_step`."""
+    kw = {**kw, "count_operations": True}  # the comparisons below need the operations
     at_batch = host_ms_per_step(stage, preset, **kw)
     few = host_ms_per_step(stage, preset, batch=FEW_ROWS, **kw)
     same = few[1]["operations"] == at_batch[1]["operations"]
