@@ -88,7 +88,10 @@ _RESULT_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "mi
 
 
 def save_train_state(path, step: int, losses: list[float], seconds: float, model: nn.Module, optimizer,
-                     ema, generator, config: dict) -> None:
+                     ema, generator, config: dict, scaler=None) -> None:
+    """Everything a resume needs, in one safetensors file: the weights, the optimiser's and the EMA's
+    state, the random streams, the losses so far and, with fp16, the gradient scaler's scale (a
+    resumed run that started again from the initial scale would skip steps the first run took)."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -100,12 +103,13 @@ def save_train_state(path, step: int, losses: list[float], seconds: float, model
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "losses": losses, "seconds": seconds, "param_groups": opt["param_groups"],
-            "config": {k: config[k] for k in _RESULT_KEYS}}
+            "config": {k: config[k] for k in _RESULT_KEYS},
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"minisd_train_state": json.dumps(meta)}))
 
 
-def load_train_state(path, model: nn.Module, optimizer, ema, generator, config: dict):
+def load_train_state(path, model: nn.Module, optimizer, ema, generator, config: dict, scaler=None):
     """Restore what `save_train_state` wrote into the given objects; returns (step, losses, seconds)."""
     from safetensors import safe_open
 
@@ -137,6 +141,8 @@ def load_train_state(path, model: nn.Module, optimizer, ema, generator, config: 
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (RuntimeError, ValueError, KeyError) as e:
         raise MinisdError(f"saved training state {str(path)!r} does not fit this model ({e})") from None
+    if scaler is not None and scaler.is_enabled() and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), list(meta["losses"]), float(meta["seconds"])

@@ -366,7 +366,7 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
     result, first = TrainResult(precision=precision), 0
     if state_file is not None and Path(state_file).is_file():
         first, result.losses, result.seconds = load_train_state(state_file, model, saved_optimizer, ema, generator,
-                                                                asdict(config))
+                                                                asdict(config), scaler)
         result.resumed_from, result.resumed_seconds = first, result.seconds
     save_every = config.save_every or max(1, config.steps // 20)
     # What the loss calls: the model itself, wrapped to average gradients over processes, compiled.
@@ -424,7 +424,7 @@ def train(model: nn.Module, loss_fn: Callable, data: torch.Tensor | tuple[torch.
                 if rank == 0:
                     result.seconds = time.perf_counter() - start
                     save_train_state(state_file, step + 1, result.losses, result.seconds, model, saved_optimizer, ema,
-                                     generator, asdict(config))
+                                     generator, asdict(config), scaler)
     read_losses()
     result.seconds = time.perf_counter() - start
     model.to(memory_format=torch.contiguous_format).eval()

@@ -4,6 +4,7 @@ and the multi-tensor EMA and clipping against their one-tensor-at-a-time referen
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -142,6 +143,45 @@ def test_fp16_with_a_gradient_scaler_trains(flat):
         plain = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
         train(plain, loss_fn, (x, y), dataclasses.replace(config, flat_parameters=False))
         assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), plain.parameters())) < 1e-2
+
+
+def test_an_fp16_run_resumes_exactly_with_its_gradient_scale(tmp_path):
+    """With fp16 the gradient scaler's scale is part of the state: a resume that started again from
+    the initial scale would skip steps (overflows) that the uninterrupted run took."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = 30 * x @ torch.randn(8, 1, generator=g)  # large gradients: the initial scale of 2^16 overflows float16
+
+    def loss_fn(m, batch, gen):
+        return ((m(batch[0]).float() - batch[1]) ** 2).mean()
+
+    def run(state_file=None, stop_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        if stop_at is not None:  # a user pressing stop during the forward pass of step `stop_at`
+            calls = iter(range(10**6))
+
+            def stop(module, args):
+                if next(calls) == stop_at:
+                    raise KeyboardInterrupt
+
+            model.register_forward_pre_hook(stop)
+        config = TrainConfig(steps=24, batch_size=32, lr=1e-2, warmup_steps=4, precision="fp16", progress=False,
+                             device="cpu", save_every=8)
+        return model, train(model, loss_fn, (x, y), config, state_file=state_file)
+
+    whole, whole_run = run()
+    state = tmp_path / "state.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run(state, stop_at=13)  # saved after step 8 and stopped in step 14
+    with safe_open(str(state), framework="pt") as f:
+        saved_scale = json.loads(f.metadata()["minisd_train_state"])["scaler"]["scale"]
+    assert saved_scale < 2.0**16  # the scale had come down: what the resume must not forget
+    resumed, resumed_run = run(state)
+    assert resumed_run.resumed_from == 8 and resumed_run.losses == whole_run.losses
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), whole.parameters()))
 
 
 def test_ema_update_equals_the_formula_tensor_by_tensor():
