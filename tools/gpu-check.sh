@@ -17,7 +17,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
 PRESET=${PRESET:-gpu}
 PY=${PYTHON:-python3}
-JOBS=${JOBS:-$(nproc)}  # notebooks run at once (on a 2-core CPU use JOBS=1: two at once crawl)
 # NOTEBOOKS="notebooks/11_*.ipynb" runs only those (default: every numbered notebook)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -34,6 +33,9 @@ fi
 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"; } > "$OUT/machine.txt" 2>&1
 say "machine: $(tail -1 "$OUT/machine.txt"), preset $PRESET"
 cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+# notebooks run at once: on a GPU machine as many as cores; on a CPU one, since each uses every core and two at
+# once crawl (JOBS=… overrides)
+JOBS=${JOBS:-$([ "$cuda" = 1 ] && nproc || echo 1)}
 
 # 1. Training, alone on the machine so that its wall time is clean.
 rm -rf "$OUT/run"
