@@ -213,13 +213,14 @@ def stage_setup(stage: str, preset: str, rows: int = 4096, seed: int = 0, tensor
 
 def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: int = 20, repeats: int = 3,
                      device: str = "cpu", tensors: int | None = None, batch: int | None = None,
-                     flat: bool = True, count_operations: bool = True) -> tuple[float, dict]:
+                     flat: bool = True, count_operations: bool = True, network: bool = True) -> tuple[float, dict]:
     """Milliseconds per training step of `stage` with stand-in networks (median over `repeats`), and
     what was run: the reads of values and operations per step, and the stand-in network's own
     share of the step (`network_ms`, see the module docstring). tensors: give the stand-in this many
     parameter tensors instead of the real network's; batch: rows per batch instead of the preset's;
     flat: the weights in one flat tensor, as on a GPU (False: per tensor, the CPU's default);
-    count_operations: False skips the extra runs that count them (`operations_per_step` is then None)."""
+    count_operations: False skips the extra runs that count them (`operations_per_step` is then None);
+    network: False skips timing the stand-in alone (the `network_*` entries are then None)."""
     from minisd.train import FlatParameters, train
 
     model, loss_fn, data, config, hook = stage_setup(stage, preset, tensors=tensors)
@@ -238,7 +239,7 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
             seconds = time.perf_counter() - start
         return seconds, reads.count, counter.kinds if counter else collections.Counter()
 
-    def network(n: int, counter=None, backward: bool = True) -> tuple[float, int, collections.Counter]:
+    def alone(n: int, counter=None, backward: bool = True) -> tuple[float, int, collections.Counter]:
         """n forward and backward passes of the stand-in alone (backward=False: only clearing the
         gradients, which the loop does itself), its weights laid out as in the loop."""
         m = copy.deepcopy(model).to(device)
@@ -263,13 +264,15 @@ def host_ms_per_step(stage: str, preset: str = "gpu", steps: int = 60, warmup: i
     for _ in range(repeats):
         ms, reads = per_step(run)
         times.append(ms)
-        network_times.append(per_step(network)[0] - per_step(network, backward=False)[0])
+        if network:
+            network_times.append(per_step(alone)[0] - per_step(alone, backward=False)[0])
     info = {"batch": config.batch_size, "parameter_tensors": len(list(model.parameters())),
             "ema": config.ema_decay > 0, "reads_per_step": reads, "operations_per_step": None,
-            "operations": None, "network_operations": None, "network_ms": statistics.median(network_times),
+            "operations": None, "network_operations": None,
+            "network_ms": statistics.median(network_times) if network else None,
             "ms_runs": times, "network_ms_runs": network_times}  # every repeat's figures, for the spread
     if count_operations:  # counted in runs of their own (counting slows every operation down)
-        for key, measure in (("operations", run), ("network_operations", network)):
+        for key, measure in [("operations", run)] + [("network_operations", alone)] * network:
             counted = measure(warmup + steps, OperationCount())[2]
             counted.subtract(measure(warmup, OperationCount())[2])
             info[key] = +counted  # of each kind, in `steps` steps
@@ -284,18 +287,19 @@ def loop_ms_per_step(stage: str, preset: str = "gpu", **kw) -> tuple[float, dict
     backward. Returns (ms, info) with both runs' figures (`at_batch`, `few`: each (ms, info)),
     `same_operations`, the share of each repeat (`ms_runs`); kw: see `host_ms_per_step`."""
     kw = {**kw, "count_operations": True}  # the comparisons below need the operations
-    at_batch = host_ms_per_step(stage, preset, **kw)
     few = host_ms_per_step(stage, preset, batch=FEW_ROWS, **kw)
+    # the stand-in's own work does not depend on the batch: timed once, with the few rows
+    at_batch = host_ms_per_step(stage, preset, network=False, **kw)
     same = few[1]["operations"] == at_batch[1]["operations"]
     ms, info = few if same else at_batch
-    inside = not (info["network_operations"] - info["operations"])  # what is subtracted runs in the step
-    if not inside:
-        raise MinisdError(f"the stand-in network's own operations are not all in the step: "
-                          f"{dict(info['network_operations'] - info['operations'])}")
-    return ms - info["network_ms"], {"at_batch": at_batch, "few": few, "same_operations": same,
-                                     "stand_in_ms": ms, "network_ms": info["network_ms"],
-                                     # each repeat's share, for the spread
-                                     "ms_runs": [a - b for a, b in zip(info["ms_runs"], info["network_ms_runs"])]}
+    own = few[1]
+    outside = own["network_operations"] - info["operations"]  # what is subtracted must run in the step
+    if outside:
+        raise MinisdError(f"the stand-in network's own operations are not all in the step: {dict(outside)}")
+    return ms - own["network_ms"], {"at_batch": at_batch, "few": few, "same_operations": same,
+                                    "stand_in_ms": ms, "network_ms": own["network_ms"],
+                                    # each repeat's share, for the spread
+                                    "ms_runs": [a - b for a, b in zip(info["ms_runs"], own["network_ms_runs"])]}
 
 
 def bench_host(settings) -> list[dict]:

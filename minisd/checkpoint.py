@@ -104,7 +104,7 @@ def save_train_state(path, step: int, losses: list[float], seconds: float, model
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "losses": losses, "seconds": seconds, "param_groups": opt["param_groups"],
             "config": {k: config[k] for k in _RESULT_KEYS},
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
+            "scaler": scaler.state_dict() if scaler is not None else {}}  # {} when not fp16
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"minisd_train_state": json.dumps(meta)}))
 
@@ -141,7 +141,7 @@ def load_train_state(path, model: nn.Module, optimizer, ema, generator, config: 
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (RuntimeError, ValueError, KeyError) as e:
         raise MinisdError(f"saved training state {str(path)!r} does not fit this model ({e})") from None
-    if scaler is not None and scaler.is_enabled() and meta.get("scaler"):
+    if scaler is not None and meta.get("scaler"):  # a disabled scaler ignores it
         scaler.load_state_dict(meta["scaler"])
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])

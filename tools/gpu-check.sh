@@ -32,7 +32,7 @@ fi
 { nvidia-smi 2>/dev/null || echo "no nvidia-smi"; $PY -c "import torch; print('torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"; } > "$OUT/machine.txt" 2>&1
 say "machine: $(tail -1 "$OUT/machine.txt"), preset $PRESET"
-cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+grep -q " cuda True " "$OUT/machine.txt" && cuda=1 || cuda=0
 # notebooks run at once: on a GPU machine as many as cores; on a CPU one, since each uses every core and two at
 # once crawl (JOBS=… overrides)
 JOBS=${JOBS:-$([ "$cuda" = 1 ] && nproc || echo 1)}
